@@ -41,20 +41,20 @@ def attn_bwd_pre(O, DO, DLSE, DELTA, Lq, DV, scale_o, stride_dob, stride_doh, st
 
 
 @triton.jit
-def _bwd_tile(qk, dp, qrow, qpos, kpos, b, h, lse2, delta, logn, inv_n, nbias, tile,
-              MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
-              MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
-              MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
-              PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
-              DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, FAST_TANH: tl.constexpr):
-    """One recomputed tile (either orientation): returns ``(w, g, d0, d1, d2, d3, gn)``.
+def _bwd_weights(qk, qrow, qpos, kpos, b, h, lse2, logn, inv_n, nbias, tile,
+                 MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
+                 MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
+                 MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
+                 PW2: tl.constexpr, PW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr,
+                 FAST_TANH: tl.constexpr):
+    """First half of a recomputed tile (either orientation): ``(w, dw, s0..s4, vis)``.
 
-    ``w``: weights multiplying dO for dV; ``g``: dL/d(scale·q·k); ``d0..d3``: per-element dL/dparam of
-    each mod slot; ``gn``: dL/d(normalizer bias) per element.
-    """
+    ``w``: the forward's weights (they multiply dO for dV); ``dw``: ``p`` for the softmax family, ``f'(s)/n``
+    for elementwise normalizers; ``s0..s4``: the score before and after each mod slot; ``vis``: the mask."""
     s0 = qk * scale
     s1, s2, s3, s4 = mods_chain(s0, qpos, kpos, b, h, logn, MODF, HQ, RBT, RBL, RB_OFF, MODS, PW0, PW1, PW2, PW3,
                                 FAST_TANH)
+    vis = True
     if MASKED:
         vis = mask_tile(qrow, qpos, kpos, b, Lq, Lk, MASKP, MASKD, BITS, tile, MASK_MODE, MASK_LEAVES, N_LEAVES,
                         MASK_TT)
@@ -65,16 +65,14 @@ def _bwd_tile(qk, dp, qrow, qpos, kpos, b, h, lse2, delta, logn, inv_n, nbias, t
             p = tl.math.exp2(s4 * LOG2E - lse2)
         if MASKED:
             p = tl.where(vis, p, 0.0)
+        w = p
         if RELAXED:
             w = p * (1.0 - GAMMA)
             if MASKED:
                 w += tl.where(vis, GAMMA * inv_n, 0.0)
             else:
                 w += GAMMA * inv_n
-            g = p * ((1.0 - GAMMA) * dp - delta)
-        else:
-            w = p
-            g = p * (dp - delta)
+        dw = p
     else:
         w, dw = norm_weight(s4, nbias, NORM)
         w = w * inv_n
@@ -82,6 +80,21 @@ def _bwd_tile(qk, dp, qrow, qpos, kpos, b, h, lse2, delta, logn, inv_n, nbias, t
         if MASKED:
             w = tl.where(vis, w, 0.0)
             dw = tl.where(vis, dw, 0.0)
+    return w, dw, s0, s1, s2, s3, s4, vis
+
+
+@triton.jit
+def _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos, kpos, b, h, delta, logn, MODF, HQ, GAMMA,
+               MASKED: tl.constexpr, MODS: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr,
+               DPW2: tl.constexpr, DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr):
+    """Second half: ``(g, d0, d1, d2, d3, gn)`` with ``g = dL/d(scale·q·k)``, ``d0..d3`` the per-element
+    dL/dparam of each mod slot and ``gn`` dL/d(normalizer bias) per element."""
+    if NORM == N_SOFTMAX:
+        if RELAXED:
+            g = dw * ((1.0 - GAMMA) * dp - delta)
+        else:
+            g = dw * (dp - delta)
+    else:
         g = dp * dw
     gn = g
     g, d3 = score_mod_bwd(g, s3, s4, (MODS >> 12) & 15, 3, qpos, kpos, b, h, logn, MODF, HQ, DPW3)
@@ -90,7 +103,7 @@ def _bwd_tile(qk, dp, qrow, qpos, kpos, b, h, lse2, delta, logn, inv_n, nbias, t
     g, d0 = score_mod_bwd(g, s0, s1, MODS & 15, 0, qpos, kpos, b, h, logn, MODF, HQ, DPW0)
     if MASKED:  # user derivatives may be non-finite where the mask hides the score
         g = tl.where(vis, g, 0.0)
-    return w, g, d0, d1, d2, d3, gn
+    return g, d0, d1, d2, d3, gn
 
 
 @triton.jit
@@ -117,13 +130,15 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, sta
         if MASK_MODE == MODE_BITMAP:
             tile = tl.load(blut + (start_m // 128) * NK128 + k0 // 128)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC, out_dtype=ACC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
-    wT, gT, _, _, _, _, _ = _bwd_tile(
-        qkT, dpT, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2[None, :], delta[None, :],
-        logn[None, :], inv_n[None, :], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
-        scale, MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1, DPW2, DPW3,
-        NORM, RELAXED, FAST_TANH)
+    wT, dwT, s0, s1, s2, s3, s4, vis = _bwd_weights(
+        qkT, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2[None, :], logn[None, :], inv_n[None, :],
+        nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
+        MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
     dv = tl.dot(wT.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
+    gT, _, _, _, _, _ = _bwd_grads(dpT, dwT, s0, s1, s2, s3, s4, vis, qpos[None, :], kpos[:, None], b, h,
+                                   delta[None, :], logn[None, :], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1, DPW2,
+                                   DPW3, NORM, RELAXED)
     dk = tl.dot(gT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC, out_dtype=ACC)
     return dk, dv
 
@@ -150,11 +165,13 @@ def _dq_block(dq, pacc, rbacc, q, do, lse2, delta, logn, inv_n, kbase, vbase, st
             tile = tl.load(blut + (q0 // 128) * NK128 + start_n // 128)
     qk = tl.dot(q, kT, input_precision=DOT_PREC, out_dtype=ACC)
     dp = tl.dot(do, vT, input_precision=DOT_PREC, out_dtype=ACC)
-    _, g, d0, d1, d2, d3, gn = _bwd_tile(
-        qk, dp, offs_m[:, None], qpos[:, None], kpos[None, :], b, h, lse2[:, None], delta[:, None],
-        logn[:, None], inv_n[:, None], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
-        scale, MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1, DPW2, DPW3,
-        NORM, RELAXED, FAST_TANH)
+    _, dw, s0, s1, s2, s3, s4, vis = _bwd_weights(
+        qk, offs_m[:, None], qpos[:, None], kpos[None, :], b, h, lse2[:, None], logn[:, None], inv_n[:, None],
+        nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
+        MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
+    g, d0, d1, d2, d3, gn = _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos[:, None], kpos[None, :], b, h,
+                                       delta[:, None], logn[:, None], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1,
+                                       DPW2, DPW3, NORM, RELAXED)
     dq = tl.dot(g.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC, out_dtype=ACC)
     if PGRAD:
         slots = tl.arange(0, 8)

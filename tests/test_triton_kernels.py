@@ -137,6 +137,30 @@ def test_bitmap_mask_full_at_ragged_edges():
     compare(q, k, v, mask=m)
 
 
+def test_full_blocks_outside_the_longest_run_are_listed_partial():
+    """Kernels walk a row's FULL blocks as one range: a second FULL run (sinks | window) is listed PARTIAL,
+    and every non-empty block is still listed exactly once, in both orientations."""
+    from attnkit.kernels import plan
+    m = M.sinks(16) | M.sliding_window(40)
+    B, H, L = 1, 2, 150
+    mp = plan.mask_plan(m, B, "cpu")
+    for transpose in (False, True):
+        lists = plan.block_lists(mp, B, H, L, L, 16, 16, transpose, "cpu")
+        st = m.block_map(B, H, L, L, 16, 16).state.expand(1, 1, 10, 10)
+        st = st.transpose(-1, -2) if transpose else st
+        runs = 0
+        for r in range(st.shape[-2]):
+            n_full, n_part = lists.cnt[0, 0, r].tolist()
+            full = lists.idx[0, 0, r, 0, :n_full].tolist()
+            part = lists.idx[0, 0, r, 1, :n_part].tolist()
+            assert full == list(range(full[0], full[0] + n_full)) if full else True
+            assert sorted(full + part) == [c for c in range(10) if st[0, 0, r, c] != M.EMPTY]
+            runs += sum(1 for c in part if st[0, 0, r, c] == M.FULL)
+        assert runs > 0  # the case does exercise a demoted FULL block
+    q, k, v = _qkv(B, H, H, L, L, 16, 16)
+    compare(q, k, v, mask=m)
+
+
 def test_predicate_bitmap_built_once():
     calls = []
 

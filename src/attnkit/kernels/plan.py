@@ -223,7 +223,9 @@ class Lists:
     """FULL and PARTIAL block lists of one block size (see module doc): ``cnt [B',H',n,2]`` holds how many
     FULL (``[..., 0]``) and PARTIAL (``[..., 1]``) blocks row block ``i`` has, ``idx [B',H',n,2,m]`` which,
     ascending. A kernel walks list ``lst = b·ls_b + h·ls_h + i``: ``cnt[2·lst + part]`` entries of
-    ``idx[(2·lst + part)·m + t]``."""
+    ``idx[(2·lst + part)·m + t]``. A row's FULL blocks are one contiguous run (FULL blocks outside the
+    row's longest run are listed as PARTIAL: exact either way), so kernels walk them as the range
+    ``idx[2·lst·m] + t`` with no index load in the loop (Triton pipelines such loops fully)."""
 
     cnt: Tensor
     idx: Tensor
@@ -259,12 +261,29 @@ def _block_lists(mp: MaskPlan, B, H, Lq, Lk, BM, BN, transpose, device) -> Lists
         st[..., -1, :] = torch.where(st[..., -1, :] == full, part, st[..., -1, :])
     if transpose:
         st = st.transpose(-1, -2)
+    st = _one_full_run(st)
     Bp, Hp, nrow, ncol = st.shape
     cols = torch.arange(ncol, device=device)
     sel = torch.stack([st == M.FULL, st == M.PARTIAL], -2)  # [B', H', nrow, 2, ncol]
     cnt = sel.sum(-1).to(torch.int32).contiguous()
     idx = torch.where(sel, cols, cols + ncol).argsort(dim=-1, stable=True).to(torch.int32).contiguous()
     return Lists(cnt, idx, Hp * nrow if Bp > 1 else 0, nrow if Hp > 1 else 0, ncol)
+
+
+def _one_full_run(st: Tensor) -> Tensor:
+    """``st`` with the FULL blocks outside each row's longest contiguous FULL run turned PARTIAL."""
+    full = st == M.FULL
+    ncol = st.shape[-1]
+    cur = torch.zeros(st.shape[:-1], dtype=torch.int32, device=st.device)
+    best, end = cur.clone(), cur.clone()
+    for c in range(ncol):
+        cur = (cur + 1) * full[..., c]
+        longer = cur > best
+        best = torch.where(longer, cur, best)
+        end = torch.where(longer, torch.full_like(end, c), end)
+    cols = torch.arange(ncol, device=st.device)
+    in_run = (cols > (end - best)[..., None]) & (cols <= end[..., None])
+    return torch.where(full & ~in_run, torch.tensor(M.PARTIAL, dtype=st.dtype, device=st.device), st)
 
 
 def row_counts(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:

@@ -17,7 +17,7 @@ then ``g`` flows back through the mod slots, and ``dQ = scale·g·K``, ``dK = sc
 import triton
 import triton.language as tl
 
-from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_tile, mask_tile, mods_chain,
+from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_tile, mask_tile, mods_chain, nth_block,
                    norm_weight, program_rows, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
 
 
@@ -237,8 +237,10 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
             cnt_base = b * cs_b + h * cs_h
             lst = b * ls_b + h * ls_h + j
             for part in tl.static_range(2):  # FULL query blocks, then PARTIAL ones
+                lrow = (2 * lst + part) * NLIST
+                i0 = tl.load(LIDX + lrow)
                 for t in range(tl.load(LCNT + 2 * lst + part)):
-                    i = tl.load(LIDX + (2 * lst + part) * NLIST + t)
+                    i = nth_block(LIDX, lrow, t, i0, part == 0)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, i * BM, j * BN, kpos, b, h,
                         b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
@@ -272,8 +274,10 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
         rbacc = tl.zeros([NBP], dtype=ACC)
         lst = b * ls_b + h * ls_h + i
         for part in tl.static_range(2):  # FULL key blocks, then PARTIAL ones
+            lrow = (2 * lst + part) * NLIST
+            j0 = tl.load(LIDX + lrow)
             for t in range(tl.load(LCNT + 2 * lst + part)):
-                j = tl.load(LIDX + (2 * lst + part) * NLIST + t)
+                j = nth_block(LIDX, lrow, t, j0, part == 0)
                 dq, pacc, rbacc = _dq_block(
                     dq, pacc, rbacc, q, do, lse2, delta, logn, inv_n, kbase, vbase, j * BN, q0, offs_m, qpos, b, h,
                     blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn, stride_vd,

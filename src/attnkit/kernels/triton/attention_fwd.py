@@ -11,7 +11,7 @@ backward needs. Memory: O(BM·BN) per program, nothing of size Lq×Lk.
 import triton
 import triton.language as tl
 
-from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, load_rows, load_tile, mask_tile, mods_chain, norm_weight,
+from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, load_rows, load_tile, mask_tile, mods_chain, norm_weight, nth_block,
                    program_rows, row_counts)
 
 
@@ -118,8 +118,10 @@ def attn_fwd(Q, K, V, O, LSE, OS,
     blut = BLUT + b * bl_b + h * bl_h
     lst = b * ls_b + h * ls_h + i
     for part in tl.static_range(2):  # FULL key blocks (no element mask), then PARTIAL ones (exact mask)
+        lrow = (2 * lst + part) * NLIST
+        j0 = tl.load(LIDX + lrow)
         for t in range(tl.load(LCNT + 2 * lst + part)):
-            j = tl.load(LIDX + (2 * lst + part) * NLIST + t)
+            j = nth_block(LIDX, lrow, t, j0, part == 0)
             acc, m_i, l_i, acc_u = _fwd_block(
                 acc, m_i, l_i, acc_u, q, kbase, vbase, j * BN, q0, offs_m, qpos, offs_n, offs_d, offs_dv,
                 b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,

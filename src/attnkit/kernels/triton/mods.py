@@ -77,6 +77,17 @@ def program_rows(HQ, G, BM: tl.constexpr):
 
 
 @triton.jit
+def nth_block(LIDX, lrow, t, j0, FULL: tl.constexpr):
+    """Block ``t`` of a block list starting at ``LIDX + lrow``: FULL lists are one contiguous run starting at
+    ``j0 = LIDX[lrow]`` (see ``plan.Lists``), walked without a load so the loop pipelines."""
+    if FULL:
+        j = j0 + t
+    else:
+        j = tl.load(LIDX + lrow + t)
+    return j
+
+
+@triton.jit
 def load_rows(PTR, b, h, offs_r, offs_c, stride_b, stride_h, stride_r, stride_c, n_r, n_c):
     """The ``[R, C]`` tile ``PTR[b, h, offs_r, offs_c]``, zero outside ``[0, n_r) × [0, n_c)``."""
     return tl.load(PTR + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs_r[:, None] * stride_r

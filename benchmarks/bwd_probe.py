@@ -48,8 +48,8 @@ def force(spec: str) -> None:
     dkdv, dq = (tuning.Config(*(int(x) for x in s.split(","))) for s in spec.split("/"))
     base = tuning.defaults
 
-    def forced(phase, D, Dv, dtype):
-        return {"dkdv": dkdv, "dq": dq}.get(phase) or base(phase, D, Dv, dtype)
+    def forced(phase, *args):
+        return {"dkdv": dkdv, "dq": dq}.get(phase) or base(phase, *args)
     tuning.defaults = forced
     tuning.clear()
     A._problems.clear()

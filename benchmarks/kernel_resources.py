@@ -25,6 +25,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.kernels import attention as A  # noqa: E402
+from attnkit.kernels import tuning  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 128)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--mods", default="", help="softcap | alibi | ''")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--config", nargs="*", default=[], metavar="PHASE=BM,BN,WARPS,STAGES",
+                    help="force a phase's configuration, e.g. dkdv=32,128,8,3")
     ap.add_argument("--sass", default=None, help="write each phase's SASS into this folder")
     a = ap.parse_args(argv)
     T, D, H = a.length, a.dim, 2
@@ -63,6 +66,9 @@ def main(argv=None) -> None:
             "window": attnkit.masks.sliding_window(256), "prefix": attnkit.masks.prefix_lm(T // 4),
             "document": attnkit.masks.document(torch.arange(T) // (T // 8)) & attnkit.masks.causal}[a.mask]
     mod = {"": None, "softcap": attnkit.scores.softcap(30.0), "alibi": attnkit.scores.alibi()}[a.mods]
+    forced = {c.split("=")[0]: tuning.Config(*(int(x) for x in c.split("=")[1].split(","))) for c in a.config}
+    base = tuning.defaults
+    tuning.defaults = lambda phase, *args: forced.get(phase) or base(phase, *args)
     work = a.sass or "/tmp/attnkit_sm90"
     os.makedirs(work, exist_ok=True)
     rows = []

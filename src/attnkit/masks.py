@@ -1,7 +1,10 @@
 """Attention masks: small composable predicates over (batch, head, query, key) positions.
 
 A mask answers "may query ``q`` attend to key ``kv``?" for broadcastable index tensors
-``b [B,1,1,1]``, ``h [1,H,1,1]``, ``q [1,1,Lq,1]``, ``kv [1,1,1,Lk]``.
+``b [B,1,1,1]``, ``h [1,H,1,1]``, ``q [1,1,Lq,1]``, ``kv [1,1,1,Lk]``. Built-in masks use tensor ops and
+tensor indexing only (no Python branch on a value), so the same ``__call__`` also works on 0-d indices
+under ``torch.func.vmap``: it is a FlexAttention ``mask_mod`` once the caller adds the offset below to
+Flex's raw query row (see :mod:`attnkit.kernels.peers`).
 
 Position convention (one rule for every mask and score mod): when ``Lq != Lk`` queries are
 aligned to the *end* of the keys, so query row ``i`` sits at position ``q = i + (Lk - Lq)``.
@@ -17,7 +20,7 @@ interval bounds, and only blocks the bounds cannot decide are evaluated element 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -127,6 +130,23 @@ class Mask:
     def leaves(self):
         yield self
 
+    def on_device(self, device) -> "Mask":
+        """Copy the tensors the leaves hold (prefix lengths, document ids) to ``device`` now, once, so
+        calls there index them without a transfer (and a compiled caller sees no copy). Returns self."""
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
+        for leaf in self.leaves():
+            for held in vars(leaf).values():
+                if isinstance(held, _Held):
+                    held.on(device)
+        return self
+
+    def bh_shape(self, g: Geometry, device) -> Tuple[int, int]:
+        """``(B', H')`` of the mask's values: ``g.B`` (``g.H``) where they may depend on the batch (head)
+        index, else 1; probed on one (query, key) pair."""
+        one = torch.zeros(1, dtype=torch.long, device=device)
+        probe = self.dense(g, device, one, one)
+        return probe.shape[0], probe.shape[1]
+
     # -- composition ---------------------------------------------------------------
     def __and__(self, other: "Mask") -> "Mask":
         return _And(self, as_mask(other))
@@ -177,6 +197,21 @@ def as_mask(m: MaskLike) -> Mask:
 # Leaves
 # ---------------------------------------------------------------------------------------------
 
+class _Held:
+    """An integer tensor a mask holds: kept on the CPU (validation, block maps and kernel plans read it
+    there) plus one copy on the device it was last used on, so calls index it without a transfer."""
+
+    def __init__(self, t: Tensor):
+        self.cpu = t
+        self._dev = t
+
+    def on(self, device) -> Tensor:
+        t = self._dev
+        if t.device != device:
+            t = self._dev = self.cpu.to(device)
+        return t
+
+
 def _ones_like_grid(qlo, klo):
     return torch.ones(1, 1, qlo.shape[2], klo.shape[3], dtype=torch.bool, device=qlo.device)
 
@@ -186,7 +221,7 @@ class _Full(Mask):
     kind = "full"
 
     def __call__(self, b, h, q, kv):
-        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=q.device)
+        return torch.ones_like(kv, dtype=torch.bool)
 
     def bounds(self, qlo, qhi, klo, khi, g):
         t = _ones_like_grid(qlo, klo)
@@ -297,13 +332,16 @@ class PrefixLM(Mask):
         p = _per_batch("prefix_len", prefix_len)
         if p.dim() > 1:
             raise ValueError(f"prefix_len must be an int or a 1-D per-batch tensor, got shape {tuple(p.shape)}")
+        p = p.cpu()  # small; moved to the device once (see _Held)
         if (p < 0).any():
             raise ValueError(f"prefix_len must be >= 0, got {p.tolist()}")
         self.prefix_len = p
+        self._held = _Held(p.reshape(()) if p.numel() == 1 else p)  # 0-d (any batch) or [B]
 
-    def _p(self, device):
-        p = self.prefix_len.to(device)
-        return p.view(-1, 1, 1, 1)
+    def _p(self, b, device):
+        """Prefix length of batch ``b`` (broadcastable like ``b``; 0-d when it is one for all)."""
+        p = self._held.on(device)
+        return p if p.dim() == 0 else p[b]
 
     def validate(self, g):
         p = self.prefix_len
@@ -313,10 +351,10 @@ class PrefixLM(Mask):
             raise ValueError(f"prefix_len {int(p.max())} is longer than the sequence (Lk={g.Lk})")
 
     def __call__(self, b, h, q, kv):
-        return (kv < self._p(q.device)) | (kv <= q)
+        return (kv < self._p(b, q.device)) | (kv <= q)
 
     def bounds(self, qlo, qhi, klo, khi, g):
-        p = self._p(qlo.device)
+        p = self._p(torch.arange(g.B, device=qlo.device).view(-1, 1, 1, 1), qlo.device)
         return (klo < p) | (klo <= qhi), khi < torch.maximum(p, qlo + 1)
 
     def __repr__(self):
@@ -414,12 +452,7 @@ class Document(Mask):
             if ids.dim() not in (1, 2):
                 raise ValueError(f"doc_ids must be [Lk] or [B, Lk], got shape {tuple(ids.shape)}")
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # [B' , Lk]
-        self._cache = {}
-
-    def _ids(self, device):
-        if device not in self._cache:
-            self._cache = {device: self.ids.to(device)}
-        return self._cache[device]
+        self._held = _Held(self.ids)
 
     def validate(self, g):
         Bp, L = self.ids.shape
@@ -432,13 +465,15 @@ class Document(Mask):
             raise ValueError(f"document mask needs Lq <= Lk (queries aligned to the end), got Lq={g.Lq} > Lk={g.Lk}")
 
     def __call__(self, b, h, q, kv):
-        ids = self._ids(q.device)
-        bi = b if ids.shape[0] > 1 else torch.zeros_like(b)
-        return ids[bi, q.clamp(min=0)] == ids[bi, kv]
+        ids = self._held.on(q.device)
+        q = q.clamp(min=0)
+        if ids.shape[0] == 1:  # one id row for every batch: no dependence on b
+            return ids[0, q] == ids[0, kv]
+        return ids[b, q] == ids[b, kv]
 
     def bounds(self, qlo, qhi, klo, khi, g):
         # Per-block min / max id; exact when ids are sorted (packing), refined otherwise.
-        ids = self._ids(qlo.device)
+        ids = self._held.on(qlo.device)
         Bp = ids.shape[0]
 
         def rng(lo, hi):  # min / max id over each contiguous range [lo, hi]; memory O(B'·L)
@@ -586,11 +621,9 @@ def _scan(mask: Mask, g: Geometry, block_q: int, block_k: int, device, counts: b
     refine = not mask.exact_bounds
     row_counts = None
     if counts or refine:
-        Bp, Hp = state.shape[:2]
         # the mask may depend on b / h even when its bounds do not (predicates): probe its shape.
-        probe = mask.dense(g, device, torch.arange(min(g.Lq, 1), device=device),
-                           torch.arange(min(g.Lk, 1), device=device))
-        Bp, Hp = max(Bp, probe.shape[0]), max(Hp, probe.shape[1])
+        pb, ph = mask.bh_shape(g, device)
+        Bp, Hp = max(state.shape[0], pb), max(state.shape[1], ph)
         state = state.expand(Bp, Hp, nq, nk).contiguous()
         if counts:
             row_counts = torch.zeros(Bp, Hp, g.Lq, dtype=torch.long, device=device)

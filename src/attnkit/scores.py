@@ -4,9 +4,14 @@ normalizer, ``s' = mod(s, b, h, q, kv)``, with the aligned positions of :mod:`at
 Score mods are ``nn.Module``s, so learnable parameters (ALiBi slopes, the T5 bias table,
 temperatures, Scalable-Softmax factors) show up in ``model.parameters()`` and receive gradients in
 every form. Combine several with :func:`compose` or by passing a list; they apply in order.
+
+Built-in mods use tensor ops and tensor indexing only (per-head values are ``t[h]``, the T5 bucket a
+table lookup), so ``mod(score, Idx(...))`` works on a ``[B, H, lq, lk]`` block and equally on 0-d
+indices under ``torch.func.vmap``: that is how the FlexAttention peer calls them as its ``score_mod``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "ScoreMod", "Idx", "softcap", "alibi", "alibi_slopes", "relative_bias", "ssmax", "temperature",
+    "ScoreMod", "Idx", "log_counts", "softcap", "alibi", "alibi_slopes", "relative_bias", "ssmax", "temperature",
     "pointwise", "compose", "as_score_mod",
 ]
 
@@ -24,9 +29,10 @@ __all__ = [
 class Idx:
     """Broadcastable indices of a block of scores ``[B, H, lq, lk]``.
 
-    ``b, h, q, kv`` are index tensors (``q`` holds aligned query positions); ``n`` is the number of
-    visible keys of each query row ``[B', H', lq, 1]`` (float) when a mod asked for it;
-    ``Lq, Lk, H`` are the sizes of the whole call.
+    ``b, h, q, kv`` are index tensors (``q`` holds aligned query positions; 0-d under vmap); ``n`` is
+    the number of visible keys of each query row ``[B', H', lq, 1]`` (float) when a mod asked for it;
+    ``Lq, Lk, H`` are the sizes of the whole call; ``logn`` optionally gives ``log_counts(n)`` already
+    gathered for these indices (instead of ``n``).
     """
 
     b: Tensor
@@ -37,6 +43,16 @@ class Idx:
     Lq: int
     Lk: int
     H: int
+    logn: Optional[Tensor] = None
+
+    def log_n(self) -> Tensor:
+        """log of the visible-key count of each query row (see :func:`log_counts`)."""
+        return self.logn if self.logn is not None else log_counts(self.n)
+
+
+def log_counts(n: Tensor) -> Tensor:
+    """log max(n, 1): the per-row factor of Scalable-Softmax (rows without keys are masked anyway)."""
+    return torch.log(n.clamp(min=1))
 
 
 class ScoreMod(nn.Module):
@@ -56,6 +72,19 @@ class ScoreMod(nn.Module):
     def mods(self):
         yield self
 
+    def detached(self) -> "ScoreMod":
+        """A copy whose tensors are detached from autograd, sharing their storage (for peers that time
+        no parameter gradients). Tensors a pointwise function closes over are not reached."""
+        memo = {}
+        for m in self.modules():
+            ts = list(m._parameters.values()) + list(m._buffers.values())
+            ts += [v for v in vars(m).values() if isinstance(v, Tensor)]
+            for t in ts:
+                if t is not None:
+                    d = t.detach()
+                    memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d
+        return copy.deepcopy(self, memo)
+
 
 def _head_param(name: str, value, positive: bool = False) -> Tensor:
     t = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
@@ -68,10 +97,10 @@ def _head_param(name: str, value, positive: bool = False) -> Tensor:
     return t
 
 
-def _per_head(t: Tensor, idx: Idx, like: Tensor) -> Tensor:
-    """A scalar or [H] tensor as [1, H, 1, 1] in ``like``'s dtype."""
+def _per_head(t: Tensor, h: Tensor, like: Tensor) -> Tensor:
+    """A scalar or [H] tensor at head indices ``h`` (``t[h]``, broadcastable like ``h``) in ``like``'s dtype."""
     t = t.to(device=like.device, dtype=like.dtype)
-    return t.view(1, -1, 1, 1) if t.dim() == 1 else t
+    return t[h] if t.dim() == 1 else t
 
 
 def _check_heads(name: str, t: Tensor, H: int):
@@ -136,8 +165,7 @@ class ALiBi(ScoreMod):
         return s.to(device=device, dtype=dtype)
 
     def forward(self, score, idx):
-        m = self.slopes_for(idx.H, score.device, score.dtype)
-        m = m.view(1, -1, 1, 1) if m.dim() == 1 else m
+        m = _per_head(self.slopes_for(idx.H, score.device, score.dtype), idx.h, score)
         return score - m * (idx.q - idx.kv).abs().to(score.dtype)
 
     def extra_repr(self):
@@ -186,15 +214,27 @@ class RelativeBias(ScoreMod):
         elif tuple(table.shape) != (num_buckets, num_heads):
             raise ValueError(f"relative_bias table must be [{num_buckets}, {num_heads}], got {tuple(table.shape)}")
         self.table = table
+        self._lut, self._lut_lo = None, 0  # buckets of rel = kv - q for rel in [-lo, len - lo)
+
+    def buckets(self, rel: Tensor, Lq: int, Lk: int) -> Tensor:
+        """Bucket of ``rel = kv − q`` by lookup in a table of :func:`t5_bucket` over every offset of an
+        ``Lq x Lk`` call (``1 − Lk <= rel <= Lq − 1``), built on ``rel``'s device and grown on demand."""
+        lut, lo = self._lut, self._lut_lo
+        if lut is None or lut.device != rel.device or lo < Lk - 1 or lut.numel() - lo < Lq:
+            lo = max(Lk - 1, lo)
+            hi = max(Lq - 1, 0 if lut is None else lut.numel() - self._lut_lo - 1)
+            r = torch.arange(-lo, hi + 1, dtype=torch.long, device=rel.device)
+            lut = t5_bucket(r, self.num_buckets, self.max_distance, self.bidirectional)
+            self._lut, self._lut_lo = lut, lo
+        return lut[rel + lo]
 
     def validate(self, H):
         if H != self.num_heads:
             raise ValueError(f"relative_bias was built for {self.num_heads} heads but there are {H} query heads")
 
     def forward(self, score, idx):
-        bucket = t5_bucket((idx.kv - idx.q).long(), self.num_buckets, self.max_distance, self.bidirectional)
-        bias = self.table.to(device=score.device, dtype=score.dtype)[bucket.squeeze(0).squeeze(0)]  # [lq, lk, H]
-        return score + bias.permute(2, 0, 1).unsqueeze(0)
+        bucket = self.buckets(idx.kv - idx.q, idx.Lq, idx.Lk)
+        return score + self.table.to(device=score.device, dtype=score.dtype)[bucket, idx.h]
 
     def extra_repr(self):
         return (f"heads={self.num_heads}, buckets={self.num_buckets}, max_distance={self.max_distance}, "
@@ -221,7 +261,7 @@ class SSMax(ScoreMod):
         _check_heads("ssmax s", self.s, H)
 
     def forward(self, score, idx):
-        return score * (_per_head(self.s, idx, score) * torch.log(idx.n.clamp(min=1)).to(score.dtype))
+        return score * (_per_head(self.s, idx.h, score) * idx.log_n().to(score.dtype))
 
     def extra_repr(self):
         return f"s={self.s.tolist()}"
@@ -245,7 +285,7 @@ class Temperature(ScoreMod):
         _check_heads("temperature", self.tau, H)
 
     def forward(self, score, idx):
-        return score / _per_head(self.tau, idx, score)
+        return score / _per_head(self.tau, idx.h, score)
 
     def extra_repr(self):
         return f"tau={self.tau.tolist()}"

@@ -5,8 +5,9 @@
 * ``sdpa-cudnn`` / ``sdpa-flash`` / ``sdpa-efficient``: PyTorch SDPA pinned to one backend, only for
   plain softmax with a full or (end-aligned) causal mask, and only where that backend accepts the
   inputs;
-* ``flex``: FlexAttention compiled (``torch.compile``, static shapes, one compile per shape) with a
-  ``mask_mod`` / ``score_mod`` written from the attnkit pieces and a BlockMask built once here.
+* ``flex``: FlexAttention compiled (``torch.compile``, static shapes, one compile per shape) whose
+  ``mask_mod`` / ``score_mod`` are the attnkit mask and score mods themselves (they are written for 0-d
+  indices under vmap; only the end-alignment offset is added here) and a BlockMask built once here.
   Dynamo's recompile limits are raised so it never falls back to the unfused path. Plain softmax
   only (Flex has no sink / relaxed / elementwise normalizers).
 """
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..normalizers import Softmax
+from ..scores import Idx, ScoreMod, log_counts
 from . import sdpa
 
 __all__ = ["peers", "flex_mods"]
@@ -40,91 +42,42 @@ def _compiled_flex():
     return _flex["fn"]
 
 
-def _flex_mask(mask: M.Mask, B: int, Lq: int, Lk: int, device) -> Callable:
-    """A Flex ``mask_mod(b, h, q_idx, kv_idx)`` equal to ``mask`` at aligned positions."""
+#: score mod kinds whose ``forward`` is written for 0-d indices under vmap (a pointwise fn must be too)
+FLEX_SCORE_KINDS = ("softcap", "alibi", "temperature", "relative_bias", "ssmax", "pointwise")
+
+
+def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: int, Lk: int, device,
+              score_dtype: torch.dtype = torch.float32):
+    """``(mask_mod or None, score_mod or None)`` for FlexAttention, or None when a score mod has no Flex form.
+
+    Both call attnkit's own pieces: Flex passes raw row indices ``q_idx``, attnkit's aligned position is
+    ``q_idx + (Lk - Lq)``. Score mod parameters are detached (the peer times no parameter gradients);
+    Scalable-Softmax reads the log visible-key count of each row from a table built once here in
+    ``score_dtype`` (the dtype Flex computes scores in: float32, or float64 for float64 inputs).
+    """
     off = Lk - Lq
+    mask_mod = None
+    if mask.kind != "full":
+        mask.on_device(device)
 
-    def build(m):
-        if isinstance(m, M._Or):
-            fa, fb = build(m.a), build(m.b)
-            return lambda b, h, q, kv: fa(b, h, q, kv) | fb(b, h, q, kv)
-        if isinstance(m, M._And):
-            fa, fb = build(m.a), build(m.b)
-            return lambda b, h, q, kv: fa(b, h, q, kv) & fb(b, h, q, kv)
-        if isinstance(m, M._Not):
-            fa = build(m.a)
-            return lambda b, h, q, kv: ~fa(b, h, q, kv)
-        kind = m.kind
-        if kind == "full":
-            return lambda b, h, q, kv: kv >= 0
-        if kind == "causal":
-            return lambda b, h, q, kv: kv <= q
-        if kind == "sliding_window":
-            lo, hi = m.left, m.right
-            return lambda b, h, q, kv: (kv - q >= -lo) & (kv - q <= hi)
-        if kind == "chunked":
-            c = m.block
-            return lambda b, h, q, kv: kv // c <= q // c
-        if kind == "sinks":
-            n = m.n
-            return lambda b, h, q, kv: kv < n
-        if kind == "dilated":
-            r = m.rate
-            return lambda b, h, q, kv: (q - kv) % r == 0
-        if kind == "prefix_lm":
-            p = m.prefix_len.reshape(-1).to(device).expand(B) if m.prefix_len.numel() == 1 else m.prefix_len.to(device)
-            return lambda b, h, q, kv: (kv < p[b]) | (kv <= q)
-        if kind == "document":
-            ids = m.ids.to(device)
-            nb = ids.shape[0]
-            return lambda b, h, q, kv: ids[b % nb, q.clamp(min=0)] == ids[b % nb, kv]
-        return lambda b, h, q, kv: m(b, h, q, kv)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask(b, h, q_idx, kv_idx)
 
-    f = build(mask)
-    return lambda b, h, q_idx, kv_idx: f(b, h, q_idx + off, kv_idx)
+    if score_mod is None:
+        return mask_mod, None
+    if any(m.kind not in FLEX_SCORE_KINDS for m in score_mod.mods()):
+        return None
+    mod = score_mod.detached()
+    logn = None
+    if mod.needs_counts:
+        logn = log_counts(mask.row_counts(B, Hq, Lq, Lk, device=device).to(score_dtype))
 
+    def score(s, b, h, q_idx, kv_idx):
+        ln = None if logn is None else logn[b % logn.shape[0], h % logn.shape[1], q_idx]
+        return mod(s, Idx(b, h, q_idx, kv_idx, None, Lq, Lk, Hq, ln))
 
-def flex_mods(mask: M.Mask, score_mod, B: int, Hq: int, Lq: int, Lk: int, device):
-    """``(mask_mod or None, score_mod or None)`` for FlexAttention; None for the whole pair when a piece
-    has no Flex form."""
-    off = Lk - Lq
-    mods = []
-    counts = None
-    for mod in (score_mod.mods() if score_mod is not None else ()):
-        kind = mod.kind
-        if kind == "softcap":
-            c = mod.cap
-            mods.append(lambda s, b, h, q, kv, c=c: c * torch.tanh(s / c))
-        elif kind == "alibi":
-            sl = mod.slopes_for(Hq, device, torch.float32).detach().reshape(-1).expand(Hq).contiguous()
-            mods.append(lambda s, b, h, q, kv, sl=sl: s - sl[h] * (q - kv).abs())
-        elif kind == "temperature":
-            t = mod.tau.detach().to(device, torch.float32).reshape(-1).expand(Hq).contiguous()
-            mods.append(lambda s, b, h, q, kv, t=t: s / t[h])
-        elif kind == "relative_bias":
-            from .plan import relbias_lut
-            lut, lut_off = relbias_lut(mod, Lq, Lk, device)
-            table = mod.table.detach().to(device, torch.float32)
-            mods.append(lambda s, b, h, q, kv, lut=lut, o=lut_off, tb=table: s + tb[lut[kv - q + o], h])
-        elif kind == "ssmax":
-            if counts is None:
-                counts = mask.row_counts(B, Hq, Lq, Lk, device=device).clamp(min=1).float().log()
-            sv = mod.s.detach().to(device, torch.float32).reshape(-1).expand(Hq).contiguous()
-            nb, nh = counts.shape[:2]
-            mods.append(lambda s, b, h, q, kv, sv=sv, ln=counts, nb=nb, nh=nh:
-                        s * sv[h] * ln[b % nb, h % nh, q - off])
-        elif kind == "pointwise":
-            mods.append(lambda s, b, h, q, kv, fn=mod.fn: fn(s, b, h, q, kv))
-        else:
-            return None
-    score = None
-    if mods:
-        def score(s, b, h, q_idx, kv_idx):
-            q = q_idx + off
-            for f in mods:
-                s = f(s, b, h, q, kv_idx)
-            return s
-    mask_mod = None if mask.kind == "full" else _flex_mask(mask, B, Lq, Lk, device)
+    i = torch.zeros((), dtype=torch.int32, device=device)
+    score(torch.zeros((), dtype=score_dtype, device=device), i, i, i, i)  # fill the mods' caches (T5 buckets) outside compile
     return mask_mod, score
 
 
@@ -154,25 +107,13 @@ def peers(q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, normalizer, scale
             mask_mod, sc = mods
             block_mask = None
             if mask_mod is not None:
-                dep = _needs_bh(mask)
+                Bp, Hp = mask.bh_shape(M.Geometry(B, Hq, Lq, Lk), q.device)
                 # uncompiled build (once per shape): the compiled builder's first inductor compile stalled
                 # minutes on a fresh machine; this one evaluates mask_mod over Lq x Lk once
-                block_mask = create_block_mask(mask_mod, B if dep else None, Hq if dep else None, Lq, Lk,
+                block_mask = create_block_mask(mask_mod, B if Bp > 1 else None, Hq if Hp > 1 else None, Lq, Lk,
                                                device=q.device, _compile=False)
             flex = _compiled_flex()
             gqa = Hq != k.shape[1]
             out["flex"] = lambda: flex(q, k, v, score_mod=sc, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out
 
-
-def _needs_bh(mask: M.Mask) -> bool:
-    """Masks whose value may depend on batch / head (predicates, per-batch parameters, subclasses)."""
-    for leaf in mask.leaves():
-        if leaf.kind in ("predicate", None) or leaf.kind not in (
-                "full", "causal", "sliding_window", "chunked", "sinks", "dilated", "prefix_lm", "document"):
-            return True
-        if leaf.kind == "prefix_lm" and leaf.prefix_len.numel() > 1:
-            return True
-        if leaf.kind == "document" and leaf.ids.shape[0] > 1:
-            return True
-    return False

@@ -137,8 +137,9 @@ def _mask_plan(mask: M.Mask, B: int, device) -> MaskPlan:
         return MaskPlan(mask, MODE_BITMAP)
     index = {id(leaf): i for i, leaf in enumerate(leaves)}
     tt = _truth_table(mask, index)
-    if tt == (1 << (1 << len(leaves))) - 1:
-        return MaskPlan(mask, MODE_NONE)
+    always = sum(1 << i for i, leaf in enumerate(leaves) if leaf.kind == "full")  # leaves that are always 1
+    if all((tt >> code) & 1 for code in range(1 << len(leaves)) if code & always == always):
+        return MaskPlan(mask, MODE_NONE)  # visible everywhere (e.g. full, full | causal)
     params, data = [0] * (4 * MAX_LEAVES), []
     packed = 0
     for i, leaf in enumerate(leaves):

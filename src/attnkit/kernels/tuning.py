@@ -96,8 +96,13 @@ def key(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: str,
                      norm, "mods" if mods else "plain"])
 
 
-def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype) -> Config:
-    """Untuned choice (Hopper-class GPUs; FlexAttention's own H100 defaults as the starting point)."""
+def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "none", mods: bool = False
+             ) -> Config:
+    """Untuned choice (Hopper-class GPUs; FlexAttention's own H100 defaults as the starting point).
+
+    dK/dV at head dim 128: 64 query rows per step only for unmasked, unmodified scores; with an element
+    mask or score mods the 64-row step spills registers inside the loop on sm_90
+    (benchmarks/kernel_resources.py), so 32 rows."""
     if interpreting():
         return {"fwd": Config(32, 16), "dkdv": Config(16, 32), "dq": Config(32, 16)}[phase]
     d = max(_pow2(D), _pow2(Dv))
@@ -112,13 +117,16 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype) -> Config:
     if d <= 64:
         return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)
     if d <= 128:
-        return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)
+        if phase == "dkdv":
+            return Config(64, 128, 8, 3) if mask_kind == "none" and not mods else Config(32, 128, 8, 3)
+        return Config(128, 64, 8, 3)
     return Config(64, 64, 4, 2)
 
 
-def candidates(phase: str, D: int, Dv: int, dtype: torch.dtype) -> List[Config]:
+def candidates(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "none", mods: bool = False
+               ) -> List[Config]:
     """A small search space around the default (each entry costs one compile)."""
-    base = defaults(phase, D, Dv, dtype)
+    base = defaults(phase, D, Dv, dtype, mask_kind, mods)
     d = max(_pow2(D), _pow2(Dv))
     if d > 128 or dtype in (torch.float32, torch.float64):
         extra = [Config(64, 32, 4, 2), Config(32, 64, 4, 2), Config(64, 64, 8, 2)]
@@ -126,7 +134,7 @@ def candidates(phase: str, D: int, Dv: int, dtype: torch.dtype) -> List[Config]:
         extra = [Config(128, 128, 8, 3), Config(128, 64, 4, 3)] if d > 64 else \
             [Config(128, 64, 4, 3), Config(128, 128, 8, 3)]
     elif phase == "dkdv":
-        extra = [Config(64, 128, 4, 3), Config(32, 128, 4, 3)]
+        extra = [Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(32, 128, 4, 3)]
     else:
         extra = [Config(128, 32, 4, 3), Config(64, 64, 4, 3)]
     return [base] + [c for c in extra if c != base]
@@ -139,17 +147,17 @@ def config(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: s
     ``runner(cfg)`` returns a zero-argument callable that launches the phase with ``cfg``.
     """
     if interpreting():
-        return defaults(phase, D, Dv, dtype)
+        return defaults(phase, D, Dv, dtype, mask_kind, mods)
     _load()
     k = key(phase, device, D, Dv, dtype, mask_kind, norm, mods)
     with _lock:
         if k in _choices:
             return _choices[k]
     if not (_state["enabled"] and runner is not None):
-        return defaults(phase, D, Dv, dtype)
+        return defaults(phase, D, Dv, dtype, mask_kind, mods)
     from ..bench import time_ms
     best: Tuple[float, Optional[Config]] = (float("inf"), None)
-    for c in candidates(phase, D, Dv, dtype):
+    for c in candidates(phase, D, Dv, dtype, mask_kind, mods):
         try:
             fn = runner(c)
             ms = time_ms(fn, device, warmup=2, rep=10)
@@ -157,7 +165,7 @@ def config(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: s
             continue
         if ms < best[0]:
             best = (ms, c)
-    choice = best[1] or defaults(phase, D, Dv, dtype)
+    choice = best[1] or defaults(phase, D, Dv, dtype, mask_kind, mods)
     with _lock:
         _choices[k] = choice
         _save()

@@ -130,12 +130,12 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, sta
         if MASK_MODE == MODE_BITMAP:
             tile = tl.load(blut + (start_m // 128) * NK128 + k0 // 128)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC, out_dtype=ACC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
     wT, dwT, s0, s1, s2, s3, s4, vis = _bwd_weights(
         qkT, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2[None, :], logn[None, :], inv_n[None, :],
         nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
         MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
     dv = tl.dot(wT.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
     gT, _, _, _, _, _ = _bwd_grads(dpT, dwT, s0, s1, s2, s3, s4, vis, qpos[None, :], kpos[:, None], b, h,
                                    delta[None, :], logn[None, :], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1, DPW2,
                                    DPW3, NORM, RELAXED)

@@ -61,7 +61,7 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
         mask.on_device(device)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask(b, h, q_idx, kv_idx)
+            return mask(b, h, q_idx + off, kv_idx)
 
     if score_mod is None:
         return mask_mod, None
@@ -74,7 +74,7 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
 
     def score(s, b, h, q_idx, kv_idx):
         ln = None if logn is None else logn[b % logn.shape[0], h % logn.shape[1], q_idx]
-        return mod(s, Idx(b, h, q_idx, kv_idx, None, Lq, Lk, Hq, ln))
+        return mod(s, Idx(b, h, q_idx + off, kv_idx, None, Lq, Lk, Hq, ln))
 
     i = torch.zeros((), dtype=torch.int32, device=device)
     score(torch.zeros((), dtype=score_dtype, device=device), i, i, i, i)  # fill the mods' caches (T5 buckets) outside compile

@@ -100,9 +100,9 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "
              ) -> Config:
     """Untuned choice (Hopper-class GPUs; FlexAttention's own H100 defaults as the starting point).
 
-    dK/dV at head dim 128: 64 query rows per step only for unmasked, unmodified scores; with an element
-    mask or score mods the 64-row step spills registers inside the loop on sm_90
-    (benchmarks/kernel_resources.py), so 32 rows."""
+    dK/dV at head dim 128 keeps 64 query rows per step also where it spills a few registers inside the
+    loop (element masks, score mods: benchmarks/kernel_resources.py): 32 rows measured 0-17 % slower on
+    the H100 (notes/kernels.md, v4)."""
     if interpreting():
         return {"fwd": Config(32, 16), "dkdv": Config(16, 32), "dq": Config(32, 16)}[phase]
     d = max(_pow2(D), _pow2(Dv))
@@ -117,9 +117,7 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "
     if d <= 64:
         return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)
     if d <= 128:
-        if phase == "dkdv":
-            return Config(64, 128, 8, 3) if mask_kind == "none" and not mods else Config(32, 128, 8, 3)
-        return Config(128, 64, 8, 3)
+        return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)
     return Config(64, 64, 4, 2)
 
 

@@ -72,16 +72,17 @@ class ScoreMod(nn.Module):
     def mods(self):
         yield self
 
-    def detached(self) -> "ScoreMod":
-        """A copy whose tensors are detached from autograd, sharing their storage (for peers that time
-        no parameter gradients). Tensors a pointwise function closes over are not reached."""
+    def detached(self, device=None) -> "ScoreMod":
+        """A copy whose tensors are detached from autograd (sharing storage unless moved to ``device``),
+        for peers that time no parameter gradients. Tensors a pointwise function closes over are not
+        reached."""
         memo = {}
         for m in self.modules():
             ts = list(m._parameters.values()) + list(m._buffers.values())
             ts += [v for v in vars(m).values() if isinstance(v, Tensor)]
             for t in ts:
                 if t is not None:
-                    d = t.detach()
+                    d = t.detach() if device is None else t.detach().to(device)
                     memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d
         return copy.deepcopy(self, memo)
 
@@ -155,13 +156,18 @@ class ALiBi(ScoreMod):
         if slopes is not None and not isinstance(slopes, Tensor):
             slopes = torch.tensor(list(slopes), dtype=torch.float64)
         self.slopes = None if slopes is None else _head_param("alibi slopes", slopes)
+        self._standard = None  # alibi_slopes(H) on the device of the last call (built once, not per call)
 
     def validate(self, H):
         if self.slopes is not None:
             _check_heads("alibi slopes", self.slopes, H)
 
     def slopes_for(self, H: int, device, dtype) -> Tensor:
-        s = self.slopes if self.slopes is not None else alibi_slopes(H)
+        s = self.slopes
+        if s is None:
+            s = self._standard
+            if s is None or s.numel() != H or s.device != torch.device(device):
+                s = self._standard = alibi_slopes(H).to(device)
         return s.to(device=device, dtype=dtype)
 
     def forward(self, score, idx):

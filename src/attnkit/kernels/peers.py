@@ -51,9 +51,11 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
     """``(mask_mod or None, score_mod or None)`` for FlexAttention, or None when a score mod has no Flex form.
 
     Both call attnkit's own pieces: Flex passes raw row indices ``q_idx``, attnkit's aligned position is
-    ``q_idx + (Lk - Lq)``. Score mod parameters are detached (the peer times no parameter gradients);
-    Scalable-Softmax reads the log visible-key count of each row from a table built once here in
-    ``score_dtype`` (the dtype Flex computes scores in: float32, or float64 for float64 inputs).
+    ``q_idx + (Lk - Lq)``. Score mod parameters are detached copies on ``device`` (the peer times no
+    parameter gradients; nothing moves inside the compiled kernel), and a warm-up call builds the mods'
+    caches (standard ALiBi slopes, T5 buckets) there too. Scalable-Softmax reads the log visible-key
+    count of each row from a table built once here in ``score_dtype`` (the dtype Flex computes scores
+    in: float32, or float64 for float64 inputs).
     """
     off = Lk - Lq
     mask_mod = None
@@ -67,7 +69,7 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
         return mask_mod, None
     if any(m.kind not in FLEX_SCORE_KINDS for m in score_mod.mods()):
         return None
-    mod = score_mod.detached()
+    mod = score_mod.detached(device)
     logn = None
     if mod.needs_counts:
         logn = log_counts(mask.row_counts(B, Hq, Lq, Lk, device=device).to(score_dtype))
@@ -77,7 +79,7 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
         return mod(s, Idx(b, h, q_idx + off, kv_idx, None, Lq, Lk, Hq, ln))
 
     i = torch.zeros((), dtype=torch.int32, device=device)
-    score(torch.zeros((), dtype=score_dtype, device=device), i, i, i, i)  # fill the mods' caches (T5 buckets) outside compile
+    score(torch.zeros((), dtype=score_dtype, device=device), i, i, i, i)  # caches filled outside compile
     return mask_mod, score
 
 

@@ -358,9 +358,34 @@ def main(argv=None) -> None:
     p.add_argument("--stack-every-s", type=float, default=0.0, help="dump all stacks this often (0: never)")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one attnkit fwd+bwd per cell")
     p.add_argument("--table", help="print the markdown of an existing JSON and exit")
+    p.add_argument("--merge", nargs="+", help="merge JSONs of one session (later files replace equal cells) into "
+                   "OUT/<gpu>-<date>SUFFIX.json and .md, then exit")
     args = p.parse_args(argv)
     if args.host:
         host_overhead(args)
+        return
+    if args.merge:
+        merged: Dict[tuple, dict] = {}
+        data = None
+        for path in args.merge:
+            with open(path) as f:
+                data = json.load(f)
+            for r in data["rows"]:
+                key = (r["D"], r["pattern"], r["T"], r["mode"], r["impl"])
+                if r["status"] == "ok" or key not in merged:
+                    merged[key] = r
+        data["rows"] = sorted(merged.values(), key=lambda r: (-r["D"], -r["T"], PATTERNS.index(r["pattern"]),
+                                                              r["mode"], r["impl"] != "triton", r["impl"]))
+        data["config"]["merged_from"] = [os.path.basename(p) for p in args.merge]
+        data["config"]["T"] = sorted({r["T"] for r in data["rows"]})
+        data["config"]["D"] = sorted({r["D"] for r in data["rows"]})
+        env = data["environment"]
+        stem = os.path.join(args.out, f"{env['gpu'].replace(' ', '-')}-{env['date']}{args.suffix}")
+        with open(stem + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(data))
+        print(markdown(data))
         return
     if args.table:
         with open(args.table) as f:

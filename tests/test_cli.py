@@ -1,6 +1,5 @@
 """The command line, the registry and the README catalog."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import attnkit
 from attnkit import masks, registry, scores
 from attnkit.bench import peak_memory
 from attnkit.cli import main
-from attnkit.registry import Spec, Variant
+from attnkit.registry import Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 

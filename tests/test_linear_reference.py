@@ -8,7 +8,7 @@ their formulas. Other test_linear*.py modules import these helpers.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import torch

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.variants.linear import LogLinearState, linear_attention, step
-from test_linear_reference import (DELTA, F64, RULE_CASES, api_kwargs, assert_rel, grads_of, leaves, make_case,
+from attnkit.variants.linear import linear_attention, step
+from test_linear_reference import (F64, RULE_CASES, api_kwargs, assert_rel, grads_of, leaves, make_case,
                                    ref_linear, ref_pairwise)
 
 FORMS = ["parallel", "chunk", "recurrent"]

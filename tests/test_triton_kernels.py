@@ -7,7 +7,6 @@ before the kernels write them. Shapes are tiny: the interpreter runs every progr
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 

@@ -38,7 +38,7 @@ What the kernels compute (see ``notes/kernels.md`` for measurements):
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

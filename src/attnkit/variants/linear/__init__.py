@@ -9,7 +9,7 @@ Rules and their recurrences: :mod:`attnkit.variants.linear.functional`. Importin
 registers one variant per rule × feature map in :mod:`attnkit.registry` (family ``"linear"``).
 """
 from . import feature_maps
-from . import catalog  # registers the variants
+from . import catalog  # noqa: F401  (registers the variants)
 from .aaren import AarenState
 from .feature_maps import FeatureMap, Favor, as_feature_map
 from .functional import (ALL_RULES, FORMS, LOG_LINEAR_BASES, NORMALIZE_EPS, RULES, lightning_log_decay,

@@ -20,7 +20,7 @@ causal softmax attention: ``parallel`` is our own T×T prefix softmax; ``chunk``
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor

@@ -18,7 +18,7 @@ from ...registry import Spec, Variant, register
 from ..softmax import STREAMING_BLOCKS
 from .common import levels_needed
 from .feature_maps import as_feature_map
-from .functional import RULES, lightning_log_decay, linear_attention, retention_log_decay
+from .functional import RULES, linear_attention, retention_log_decay
 
 LINEAR_FORMS = ("parallel", "chunk", "recurrent")
 #: the parallel forms materialize B·H·T² entries (several such tensors, some float64, in forward and

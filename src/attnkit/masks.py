@@ -143,8 +143,8 @@ class Mask:
     def bh_shape(self, g: Geometry, device) -> Tuple[int, int]:
         """``(B', H')`` of the mask's values: ``g.B`` (``g.H``) where they may depend on the batch (head)
         index, else 1; probed on one (query, key) pair."""
-        one = torch.zeros(1, dtype=torch.long, device=device)
-        probe = self.dense(g, device, one, one)
+        probe = self.dense(g, device, torch.arange(min(g.Lq, 1), device=device),
+                           torch.arange(min(g.Lk, 1), device=device))  # empty when a length is 0
         return probe.shape[0], probe.shape[1]
 
     # -- composition ---------------------------------------------------------------

@@ -96,8 +96,7 @@ def key(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: str,
                      norm, "mods" if mods else "plain"])
 
 
-def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "none", mods: bool = False
-             ) -> Config:
+def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype) -> Config:
     """Untuned choice (Hopper-class GPUs; FlexAttention's own H100 defaults as the starting point).
 
     dK/dV at head dim 128 keeps 64 query rows per step also where it spills a few registers inside the
@@ -121,10 +120,9 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "
     return Config(64, 64, 4, 2)
 
 
-def candidates(phase: str, D: int, Dv: int, dtype: torch.dtype, mask_kind: str = "none", mods: bool = False
-               ) -> List[Config]:
+def candidates(phase: str, D: int, Dv: int, dtype: torch.dtype) -> List[Config]:
     """A small search space around the default (each entry costs one compile)."""
-    base = defaults(phase, D, Dv, dtype, mask_kind, mods)
+    base = defaults(phase, D, Dv, dtype)
     d = max(_pow2(D), _pow2(Dv))
     if d > 128 or dtype in (torch.float32, torch.float64):
         extra = [Config(64, 32, 4, 2), Config(32, 64, 4, 2), Config(64, 64, 8, 2)]
@@ -145,17 +143,17 @@ def config(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: s
     ``runner(cfg)`` returns a zero-argument callable that launches the phase with ``cfg``.
     """
     if interpreting():
-        return defaults(phase, D, Dv, dtype, mask_kind, mods)
+        return defaults(phase, D, Dv, dtype)
     _load()
     k = key(phase, device, D, Dv, dtype, mask_kind, norm, mods)
     with _lock:
         if k in _choices:
             return _choices[k]
     if not (_state["enabled"] and runner is not None):
-        return defaults(phase, D, Dv, dtype, mask_kind, mods)
+        return defaults(phase, D, Dv, dtype)
     from ..bench import time_ms
     best: Tuple[float, Optional[Config]] = (float("inf"), None)
-    for c in candidates(phase, D, Dv, dtype, mask_kind, mods):
+    for c in candidates(phase, D, Dv, dtype):
         try:
             fn = runner(c)
             ms = time_ms(fn, device, warmup=2, rep=10)
@@ -163,7 +161,7 @@ def config(phase: str, device, D: int, Dv: int, dtype: torch.dtype, mask_kind: s
             continue
         if ms < best[0]:
             best = (ms, c)
-    choice = best[1] or defaults(phase, D, Dv, dtype, mask_kind, mods)
+    choice = best[1] or defaults(phase, D, Dv, dtype)
     with _lock:
         _choices[k] = choice
         _save()

@@ -250,3 +250,165 @@ def test_memory_is_linear_in_length():
     step()
     io = 4 * q.numel() * q.element_size()
     assert peak_memory(step, DEV) <= 3 * io
+
+
+# ------------------------------------------------------------------------------------------------
+# differential attention: A1·V − λ_h·A2·V in one fused call ("triton/fused-differential")
+# ------------------------------------------------------------------------------------------------
+
+from attnkit.variants.differential import differential_attention  # noqa: E402
+
+FUSED_DIFF = "triton/fused-differential"
+
+
+def _diff_ref(q, k, v, lam, **kw):
+    """float64 ``A1 V − λ_h A2 V`` ``[B, Hq, Lq, Dv]``: each map by attnkit's reference backend
+    (materialized) on the q/k halves, which it scales by 1/sqrt(d) as differential attention does."""
+    d = q.shape[-1] // 2
+    o1 = attnkit.attention(q[..., :d], k[..., :d], v, backend="reference", form="materialized", **kw)
+    o2 = attnkit.attention(q[..., d:], k[..., d:], v, backend="reference", form="materialized", **kw)
+    return o1 - (lam.reshape(1, -1, 1, 1) if torch.is_tensor(lam) else lam) * o2
+
+
+def _lam(kind: str, H: int, dtype: torch.dtype):
+    """λ as a float, a learnable 0-d tensor or a learnable per-head tensor [H] in ``dtype``."""
+    if kind == "float":
+        return random.uniform(0.2, 0.8)
+    if kind == "scalar":
+        return torch.tensor(random.uniform(0.2, 0.8), device=DEV, dtype=dtype, requires_grad=True)
+    return (0.2 + 0.6 * torch.rand(H, device=DEV, dtype=dtype)).requires_grad_()
+
+
+def _diff_grads(out, ro, xs, rs, names):
+    """Compare the gradients of <out, g> (inputs ``xs``) with those of <ro, g> (float64 inputs ``rs``)."""
+    tol = TOL[out.dtype]
+    g = torch.randn_like(ro)
+    ga = torch.autograd.grad((out * g.to(out.dtype)).sum(), xs, allow_unused=True)
+    gb = torch.autograd.grad((ro * g).sum(), rs, allow_unused=True)
+    for name, a, b in zip(names, ga, gb):
+        if b is None or float(b.norm()) == 0:
+            assert a is None or not a.any(), f"{name}: nonzero gradient where the reference has none"
+            continue
+        assert a is not None and torch.isfinite(a).all(), name
+        assert rel(a, b) <= 2 * tol, f"{name} rel err {rel(a, b):.2e} > {2 * tol}"
+
+
+def check_differential(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, *, lam="per-head", lam_dtype=torch.float32, grad=True,
+                       **kw):
+    """Fused differential (``dtype``) vs :func:`_diff_ref`: output, grads of q, k, v, λ and learnable params."""
+    q = torch.randn(B, Hq, Lq, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, device=DEV, dtype=dtype)
+    lx = _lam(lam, Hq, lam_dtype)
+    lr = lx.detach().to(F64).requires_grad_() if torch.is_tensor(lx) else lx
+    params = _params(kw.get("score_mod"))
+    xs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+    rs = [t.to(F64).requires_grad_(grad) for t in (q, k, v)]
+    out = differential_attention(*xs, lx, backend="triton", **kw)
+    assert attnkit.last_backend() == FUSED_DIFF, attnkit.last_backend()
+    ro = _diff_ref(*rs, lr, **kw)
+    assert out.dtype == dtype and out.shape == ro.shape and torch.isfinite(out).all()
+    tol = TOL[dtype]
+    assert rel(out, ro) <= tol, f"out rel err {rel(out, ro):.2e} > {tol}"
+    if grad:
+        lams = ([lx], [lr], ["dlam"]) if torch.is_tensor(lx) else ([], [], [])
+        _diff_grads(out, ro, xs + lams[0] + params, rs + lams[1] + params,
+                    ["dq", "dk", "dv"] + lams[2] + [f"param{i}" for i in range(len(params))])
+
+
+def _diff_patterns(L: int) -> dict:
+    """PATTERNS with the document boundaries placed inside length L."""
+    doc = dict(mask=M.document(cu_seqlens=torch.tensor([0, L // 5, L // 2, L // 2 + 1, L])) & M.causal)
+    return {**PATTERNS, "document": doc}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_differential_patterns_bf16(name):
+    L = random.randint(300, 700)
+    check_differential(2, 4, 2, L, L, 128, 128, torch.bfloat16, **_diff_patterns(L)[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,Dv,Hkv", [(128, 128, 2), (64, 128, 1)])
+def test_differential_dtypes(D, Dv, Hkv, dtype):
+    L = random.randint(300, 700)
+    check_differential(2, 4, Hkv, L, L, D, Dv, dtype, mask=M.causal)
+
+
+@pytest.mark.parametrize("lam", ["float", "scalar", "per-head"])
+@pytest.mark.parametrize("lam_dtype", [torch.float32, torch.bfloat16])
+def test_differential_lambda(lam, lam_dtype):
+    check_differential(1, 4, 2, 413, 413, 128, 64, torch.bfloat16, lam=lam, lam_dtype=lam_dtype,
+                       mask=M.sliding_window(100), scale=0.1)
+
+
+@pytest.mark.parametrize("name", ["alibi", "relbias", "ssmax", "temperature"])
+def test_differential_learnable_mods(name):
+    H = 4
+    sm = {"alibi": lambda: S.alibi(torch.rand(H, device=DEV).add(0.1).requires_grad_()),
+          "relbias": lambda: S.relative_bias(H, table=torch.randn(32, H, device=DEV).requires_grad_()),
+          "ssmax": lambda: S.ssmax(torch.rand(H, device=DEV).add(0.2).requires_grad_()),
+          "temperature": lambda: S.temperature(torch.rand(H, device=DEV).add(0.5).requires_grad_())}[name]()
+    check_differential(1, H, 2, 333, 333, 64, 64, torch.float32, mask=M.causal, score_mod=sm)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,mask", [
+    (2, 4, 4, 256, 1024, M.full), (2, 4, 4, 256, 1024, M.causal),  # CAB cross patterns
+    (2, 4, 1, 300, 200, M.causal),  # first 100 rows see nothing
+    (4, 8, 2, 1, 999, M.causal),  # one decode step
+])
+def test_differential_cross_and_decode(B, Hq, Hkv, Lq, Lk, mask):
+    check_differential(B, Hq, Hkv, Lq, Lk, 128, 128, torch.bfloat16, mask=mask)
+
+
+@pytest.mark.parametrize("D,Dv", [(32, 32), (160, 96), (192, 128), (256, 256), (512, 128), (96, 200)])
+def test_differential_head_dims(D, Dv):
+    """q/k head dim 2d from 32 to 512 (d = 80, 96 not powers of two), Dv != 2d."""
+    check_differential(1, 2, 1, 300, 413, D, Dv, torch.bfloat16, mask=M.causal)
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_differential_random_composition(i):
+    L, H = random.randint(200, 700), 4
+
+    def mask(depth):
+        if depth == 0 or random.random() < 0.35:
+            return random.choice(_LEAVES)(L)
+        op = random.choice("&|~")
+        a = mask(depth - 1)
+        return ~a if op == "~" else (a & mask(depth - 1) if op == "&" else a | mask(depth - 1))
+
+    m = mask(3)
+    mods = [f(H) for f in random.sample(_MODS, random.randint(0, 2))]
+    dtype = random.choice([torch.bfloat16, torch.float16])
+    D, Dv = random.choice([64, 128]), random.choice([64, 128])
+    check_differential(1, H, random.choice([1, 2, 4]), L, L, D, Dv, dtype, lam=random.choice(["float", "per-head"]),
+                       mask=m, score_mod=mods or None)
+
+
+def test_differential_strided_bthd_views():
+    """layout="bthd" on views with the head dim sliced out of wider rows; output [B, T, Hq, Dv]."""
+    B, T, Hq, Hkv, D, Dv = 2, 500, 4, 2, 128, 64
+    base = [torch.randn(B, T, h, w + 8, device=DEV, dtype=torch.bfloat16) for h, w in ((Hq, D), (Hkv, D), (Hkv, Dv))]
+    xs = [t[..., :w].detach().requires_grad_() for t, w in zip(base, (D, D, Dv))]
+    rs = [t.detach().to(F64).requires_grad_() for t in xs]
+    lx = _lam("per-head", Hq, torch.float32)
+    lr = lx.detach().to(F64).requires_grad_()
+    out = differential_attention(*xs, lx, mask=M.causal, layout="bthd", backend="triton")
+    assert attnkit.last_backend() == FUSED_DIFF and out.shape == (B, T, Hq, Dv)
+    ro = _diff_ref(*(t.transpose(1, 2) for t in rs), lr, mask=M.causal).transpose(1, 2)
+    assert rel(out, ro) <= TOL[torch.bfloat16]
+    _diff_grads(out, ro, xs + [lx], rs + [lr], ["dq", "dk", "dv", "dlam"])
+
+
+def test_differential_deterministic_backward():
+    q, k, v = (torch.randn(2, 8, 1000, 128 if i < 2 else 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+               for i in range(3))
+    lam = torch.rand(8, device=DEV, requires_grad=True)
+    sl = torch.rand(8, device=DEV, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        out = differential_attention(q, k, v, lam, mask=M.causal, score_mod=S.alibi(sl), backend="triton")
+        grads.append(torch.autograd.grad(out.float().square().sum(), [q, k, v, lam, sl]))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", nargs="*", default=[], metavar="PHASE=BM,BN,WARPS,STAGES",
                     help="force a phase's configuration, e.g. dkdv=32,128,8,3")
     ap.add_argument("--sass", default=None, help="write each phase's SASS into this folder")
+    ap.add_argument("--diff", action="store_true", help="differential attention (two maps of head dim --dim/2)")
     a = ap.parse_args(argv)
     T, D, H = a.length, a.dim, 2
     mask = {"full": attnkit.masks.full, "causal": attnkit.masks.causal,
@@ -86,12 +87,16 @@ def main(argv=None) -> None:
     A.Phase.launch = launch
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, T, D, generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    pb = A.problem(q, k, v, mask, mod, attnkit.normalizers.softmax(), D ** -0.5, True)
-    A.forward(pb, pb.buffers(), q, k, v)
+    pb = A.problem(q, k, v, mask, mod, attnkit.normalizers.softmax(), D ** -0.5, True, diff=a.diff)
+    lam = torch.full((H,), 0.5) if a.diff else pb.dummy_f
+    A.forward(pb, pb.buffers(), q, k, v, lam)
     out = torch.zeros(1, H, T, D, dtype=torch.bfloat16)
-    lse = torch.zeros(1, H, T, dtype=torch.float32)
-    A.backward(pb, pb.buffers(), q, k, v, out, lse, None, torch.randn_like(out), None, False)
-    print(f"sm_90, {a.mask}{'+' + a.mods if a.mods else ''}, D={D}, bf16 (triton {triton.__version__})")
+    lse = torch.zeros(1 + a.diff, 1, H, T, dtype=torch.float32)
+    lse = lse if a.diff else lse[0]
+    osoft = torch.zeros_like(out) if a.diff else None
+    A.backward(pb, pb.buffers(), q, k, v, lam, out, lse, osoft, torch.randn_like(out), None, False)
+    print(f"sm_90, {'differential ' if a.diff else ''}{a.mask}{'+' + a.mods if a.mods else ''}, D={D}, bf16 "
+          f"(triton {triton.__version__})")
     for name, cfg, r in rows:
         print(f"  {name:18s} BM={cfg.BM:3d} BN={cfg.BN:3d} warps={cfg.warps} stages={cfg.stages}: "
               f"{r['regs']} regs, stack {r['stack']} B, shared {r['shared']} B")

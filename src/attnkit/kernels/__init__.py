@@ -33,7 +33,9 @@ What the kernels compute (see ``notes/kernels.md`` for measurements):
   (no atomics; parameter gradients are per-program partial sums reduced in a fixed order), so
   ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) only turns off the
   SDPA dispatch;
-* varlen packed layout through :func:`varlen_attention`.
+* varlen packed layout through :func:`varlen_attention`;
+* differential attention (``A1·V − λ·A2·V``) with both maps in the same launches, sharing each V and
+  mask tile, through :func:`run_differential`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from torch import Tensor
 from . import tuning
 from .plan import Unsupported
 
-__all__ = ["run", "varlen_attention", "SUPPORTED", "SDPA_AUTO", "available"]
+__all__ = ["run", "run_differential", "varlen_attention", "SUPPORTED", "SDPA_AUTO", "available"]
 
 #: SDPA backends ``backend="auto"`` prefers for plain softmax with a full mask (any Lq, Lk) or a causal mask
 #: with Lq == Lk, in order (H100, notes/kernels.md: cuDNN 1.5x faster there; empty tuple: always Triton)
@@ -109,6 +111,33 @@ def _try_sdpa(q, k, v, mask, score_mod, normalizer, scale) -> Optional[Tuple[str
     return None
 
 
+def _fusable(backend: str, q: Tensor) -> bool:
+    """Checks every fused call shares: False (``auto``: use the reference) or raise (``triton``)."""
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"kernels.run takes backend 'auto' or 'triton', got {backend!r}")
+    if q.device.type != "cuda":
+        if backend == "triton" and not tuning.interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run Triton's CPU "
+                             f"interpreter), got device {q.device}")
+        if backend == "auto":
+            return False
+    if not available():
+        if backend == "triton":
+            raise ValueError("backend='triton' needs the triton package (pip install attnkit[triton])")
+        _warn_once("attnkit: triton is not installed; attention runs the unfused streaming reference "
+                   "(slow path). Install triton for the fused kernels")
+        return False
+    return True
+
+
+def _unsupported(backend: str, e: Unsupported) -> None:
+    """``triton``: ValueError naming what is supported; ``auto``: warn once (the caller runs the reference)."""
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot compute this call: {e}. Supported: {SUPPORTED}") from None
+    _warn_once(f"attnkit: no fused kernel for this call ({e}); running the unfused streaming reference "
+               "instead (slow path)")
+
+
 def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, normalizer, scale: float,
         return_lse: bool, deterministic: Optional[bool] = None):
     """Fused attention for :func:`attnkit.attention`: ``(backend_name, out, lse or None)`` or None.
@@ -116,39 +145,39 @@ def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, norma
     ``q [B,Hq,Lq,D]``, ``k [B,Hkv,Lk,D]``, ``v [B,Hkv,Lk,Dv]`` (views allowed). None means "no
     fused kernel; use the reference" (only for ``backend="auto"``).
     """
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"kernels.run takes backend 'auto' or 'triton', got {backend!r}")
+    if not _fusable(backend, q):
+        return None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    cuda = q.device.type == "cuda"
-    if not cuda:
-        if backend == "triton" and not tuning.interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run Triton's CPU "
-                             f"interpreter), got device {q.device}")
-        if backend == "auto":
-            return None
-    if not available():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package (pip install attnkit[triton])")
-        _warn_once("attnkit: triton is not installed; attention runs the unfused streaming reference "
-                   "(slow path). Install triton for the fused kernels")
-        return None
     from .attention import attention as fused
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     try:
         _check(q, k, v)
-        if backend == "auto" and cuda and not return_lse and not deterministic:
+        if backend == "auto" and q.device.type == "cuda" and not return_lse and not deterministic:
             hit = _try_sdpa(q, k, v, mask, score_mod, normalizer, scale)
             if hit is not None:
                 return hit[0], hit[1], None
         out, lse = fused(q, k, v, mask, score_mod, normalizer, scale, need_grad, want_lse=return_lse)
     except Unsupported as e:
-        if backend == "triton":
-            raise ValueError(f"backend='triton' cannot compute this call: {e}. Supported: {SUPPORTED}") from None
-        _warn_once(f"attnkit: no fused kernel for this call ({e}); running the unfused streaming reference "
-                   "instead (slow path)")
-        return None
+        return _unsupported(backend, e)
     return "triton", out, (lse if return_lse else None)
+
+
+def run_differential(backend: str, q: Tensor, k: Tensor, v: Tensor, lam, *, mask, score_mod,
+                     scale: float) -> Optional[Tensor]:
+    """Fused differential attention for :func:`attnkit.variants.differential_attention`: ``out`` or None
+    ("use the reference", only for ``backend="auto"``). ``q [B,Hq,Lq,2d]``, ``k [B,Hkv,Lk,2d]``,
+    ``v [B,Hkv,Lk,Dv]``; both maps run in the same launches (no SDPA form computes this)."""
+    if not _fusable(backend, q):
+        return None
+    from .attention import differential
+    need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
+                                             or (isinstance(lam, Tensor) and lam.requires_grad))
+    try:
+        _check(q[..., : q.shape[-1] // 2], k, v)
+        return differential(q, k, v, lam, mask, score_mod, scale, need_grad)
+    except Unsupported as e:
+        return _unsupported(backend, e)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True, mask=None,

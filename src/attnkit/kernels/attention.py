@@ -13,7 +13,8 @@ The host does little per call and never waits for the GPU:
   re-read on every call with device-side copies; numbers and small CPU tensors are part of the cache
   key and copied to the device once.
 
-One forward launch; three backward launches (delta, dK/dV, dQ).
+One forward launch; three backward launches (delta, dK/dV, dQ). Differential attention (``diff``) runs
+both of its maps in the same launches (:func:`differential`).
 """
 from __future__ import annotations
 
@@ -104,10 +105,11 @@ class Problem:
     """Everything one call signature needs (see the module doc); built once, reused by every later call."""
 
     def __init__(self, mask, score_mod, normalizer, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
-                 scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool):
+                 scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool = False):
         self.keep = (mask, score_mod, normalizer)  # the objects the cache key names by identity stay alive
         self.B, self.Hq, self.Hkv, self.Lq, self.Lk, self.D, self.Dv = B, Hq, Hkv, Lq, Lk, D, Dv
         self.scale, self.dtype, self.device = scale, dtype, device
+        self.diff = diff  # differential attention: q / k hold two maps of head dim D each
         self.mp = P.mask_plan(mask, B, device)
         self.mods = P.mod_plan(score_mod, Hq, need_grad)
         self.norm = P.norm_plan(normalizer, Lk)
@@ -171,17 +173,17 @@ class Problem:
         """This call's parameter buffers (rebuilt only when a value may have changed since the last call)."""
         return self._static_buffers if self._static_buffers is not None else self._param_buffers()
 
-    def common(self, bufs) -> tuple:
-        """Arguments shared by every kernel, after the block lists."""
+    def common(self, bufs, lam: Tensor) -> tuple:
+        """Arguments shared by every kernel, after the block lists (``lam``: λ per head, differential only)."""
         modf, rbt, normf = bufs
-        return self._c0 + (modf, rbt, self.rbl, self.rb_off, normf) + self._c1
+        return self._c0 + (modf, rbt, self.rbl, self.rb_off, normf, lam) + self._c1
 
     # -- kernel switches --------------------------------------------------------------------------
     def constexprs(self, backward: bool) -> dict:
         fns = [f or identity_mod for f in self.mods.fns]
         c = dict(MASK_MODE=self.mp.mode, MASK_LEAVES=self.mp.leaves, N_LEAVES=self.mp.n_leaves, MASK_TT=self.mp.tt,
                  MODS=self.mods.packed, PW0=fns[0], PW1=fns[1], PW2=fns[2], PW3=fns[3],
-                 NORM=self.norm.code, HAS_SINK=self.norm.has_sink, RELAXED=self.norm.gamma > 0,
+                 NORM=self.norm.code, HAS_SINK=self.norm.has_sink, RELAXED=self.norm.gamma > 0, DIFF=self.diff,
                  NEED_COUNTS=self.need_counts, FAST_TANH=self.fast_tanh, ACC=self.acc_tl,
                  DOT_PREC=self.dot_prec, BD=_pow2(self.D), BDV=_pow2(self.Dv),
                  EVEN_D=_pow2(self.D) == self.D, EVEN_DV=_pow2(self.Dv) == self.Dv)
@@ -210,6 +212,8 @@ class Problem:
         norm = "softmax" if self.norm.softmax else "elementwise"
         if self.norm.gamma > 0:
             norm = "relaxed"
+        if self.diff:
+            norm = "differential"
         return (self.device, self.D, self.Dv, self.dtype, self.mp.kind, norm, self.mods.packed != 0)
 
     # -- phases -----------------------------------------------------------------------------------
@@ -280,46 +284,54 @@ def _smaller(cfg: tuning.Config) -> Optional[tuning.Config]:
 # forward / backward launches
 # ---------------------------------------------------------------------------------------------
 
-def forward(pb: Problem, bufs, q: Tensor, k: Tensor, v: Tensor):
-    """Returns ``(out [B,Hq,Lq,Dv] in q's dtype, base-2 lse [B,Hq,Lq] or None, o_soft or None)``."""
+def forward(pb: Problem, bufs, q: Tensor, k: Tensor, v: Tensor, lam: Tensor):
+    """Returns ``(out [B,Hq,Lq,Dv] in q's dtype, base-2 lse or None, o_soft or None)``.
+
+    lse is ``[B,Hq,Lq]`` (``[2,B,Hq,Lq]``, one per map, for differential attention); ``o_soft`` is the softmax
+    part of relaxed softmax, or map 2's output ``O2`` for differential attention."""
     B, Hq, Lq, Dv, dev = pb.B, pb.Hq, pb.Lq, pb.Dv, pb.device
     out = _empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev)
-    lse = _empty(B, Hq, Lq, dtype=pb.acc_t, device=dev) if pb.norm.softmax else pb.dummy_f
-    osoft = _empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev) if pb.norm.gamma > 0 else pb.dummy_f
+    lse = _empty(1 + pb.diff, B, Hq, Lq, dtype=pb.acc_t, device=dev) if pb.norm.softmax else pb.dummy_f
+    has_os = pb.norm.gamma > 0 or pb.diff
+    osoft = _empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev) if has_os else pb.dummy_f
     head = (q, k, v, out, lse, osoft, *q.stride(), *k.stride(), *v.stride())
-    tail = pb.common(bufs)
-    sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, _aligned(q, k, v, *bufs))
+    tail = pb.common(bufs, lam)
+    sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, _aligned(q, k, v, lam, *bufs))
     pb.run("fwd", "fwd", sig, lambda lists, grid: head + lists.args() + tail)
-    return out, (lse if pb.norm.softmax else None), (osoft if pb.norm.gamma > 0 else None)
+    if pb.norm.softmax and not pb.diff:
+        lse = lse[0]
+    return out, (lse if pb.norm.softmax else None), (osoft if has_os else None)
 
 
-def backward(pb: Problem, bufs, q, k, v, out, lse, osoft, dout, dlse, want_params: bool):
-    """Returns ``dq, dk, dv`` and the per-role parameter partial sums ``(part, rbpart, delta)``."""
+def backward(pb: Problem, bufs, q, k, v, lam, out, lse, osoft, dout, dlse, want_params: bool):
+    """Returns ``dq, dk, dv``, the per-role parameter partial sums ``(part, rbpart)`` and ``delta``
+    (``[2,B,Hq,Lq]`` for differential attention: map 1's delta, then ``Σ dO·O2``)."""
     B, Hq, Hkv, Lq, Lk, D, Dv, dev = pb.B, pb.Hq, pb.Hkv, pb.Lq, pb.Lk, pb.D, pb.Dv, pb.device
-    delta = torch.empty(B, Hq, Lq, dtype=pb.acc_t, device=dev) if pb.norm.softmax else pb.dummy_f
+    delta = torch.empty(1 + pb.diff, B, Hq, Lq, dtype=pb.acc_t, device=dev) if pb.norm.softmax else pb.dummy_f
     if pb.norm.softmax:
         ph = pb.phases.get(("pre", dlse is not None))
         if ph is None:
             ph = pb.phases[("pre", dlse is not None)] = Phase(
                 attn_bwd_pre, tuning.Config(64, 64, 4, 3), (triton.cdiv(Lq, 64), B * Hq, 1),
-                dict(HAS_DLSE=dlse is not None, ACC=pb.acc_tl, BM=64, BDV=_pow2(Dv)), None)
-        o_used = osoft if osoft is not None else out
-        ph.launch((dout.stride(), dout.dtype, _aligned(dout, *([dlse] if dlse is not None else []))),
-                  (o_used, dout, dlse if dlse is not None else pb.dummy_f, delta, Lq, Dv, 1.0 - pb.norm.gamma,
-                   *dout.stride(), Hq))
+                dict(HAS_DLSE=dlse is not None, DIFF=pb.diff, ACC=pb.acc_tl, BM=64, BDV=_pow2(Dv)), None)
+        o_used = osoft if pb.norm.gamma > 0 else out
+        ph.launch((dout.stride(), dout.dtype, _aligned(dout, lam, *([dlse] if dlse is not None else []))),
+                  (o_used, osoft if pb.diff else pb.dummy_f, dout, dlse if dlse is not None else pb.dummy_f, delta,
+                   lam, Lq, Dv, 1.0 - pb.norm.gamma, *dout.stride(), Hq))
     if lse is None:
         lse = pb.dummy_f
-    dk = _empty(B, Hkv, Lk, D, dtype=q.dtype, device=dev)
+    dqk = D * (1 + pb.diff)
+    dk = _empty(B, Hkv, Lk, dqk, dtype=q.dtype, device=dev)
     dv = _empty(B, Hkv, Lk, Dv, dtype=q.dtype, device=dev)
-    dq = _empty(B, Hq, Lq, D, dtype=q.dtype, device=dev)
+    dq = _empty(B, Hq, Lq, dqk, dtype=q.dtype, device=dev)
     pgrad = want_params and any(lr.role in ("mod", "relbias", "nbias") for lr in pb.learnable)
     nbp = 1
     if pgrad and any(lr.role == "relbias" for lr in pb.learnable):
         nbp = triton.next_power_of_2(pb.mods.relbias.num_buckets)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     sig = (q.stride(), k.stride(), v.stride(), dout.stride(), k.dtype, v.dtype, dout.dtype,
-           _aligned(q, k, v, dout, *bufs))
-    tail = pb.common(bufs)
+           _aligned(q, k, v, dout, lam, *bufs))
+    tail = pb.common(bufs, lam)
     d = pb.dummy_f
     pb.run("dkdv", "dkdv", sig, lambda lists, grid: (q, k, v, dout, lse, delta, d, dk, dv, d, d) + strides
            + lists.args() + tail)
@@ -349,12 +361,12 @@ class FusedAttention(torch.autograd.Function):
     """``(out, base-2 lse)`` of the fused kernels; differentiable in q, k, v and the learnable parameters."""
 
     @staticmethod
-    def forward(ctx, pb: Problem, q: Tensor, k: Tensor, v: Tensor, *params: Tensor):
+    def forward(ctx, pb: Problem, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, *params: Tensor):
         bufs = pb.buffers()
-        out, lse2, osoft = forward(pb, bufs, q, k, v)
+        out, lse2, osoft = forward(pb, bufs, q, k, v, lam)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
         ctx.pb, ctx.bufs = pb, bufs
-        ctx.save_for_backward(q, k, v, out, lse2, osoft)
+        ctx.save_for_backward(q, k, v, lam, out, lse2, osoft)
         if lse2 is None:
             lse2 = q.new_zeros(0)
             ctx.mark_non_differentiable(lse2)
@@ -363,17 +375,20 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, dlse2: Optional[Tensor]):
         pb: Problem = ctx.pb
-        q, k, v, out, lse2, osoft = ctx.saved_tensors
+        q, k, v, lam, out, lse2, osoft = ctx.saved_tensors
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dlse = None
         if dlse2 is not None and dlse2.numel() and pb.norm.softmax:
             dlse = (dlse2 * (1.0 / LN2)).contiguous()  # gradient with respect to the natural-log lse
-        want = any(ctx.needs_input_grad[4:])
-        dq, dk, dv, part, rbpart, delta = backward(pb, ctx.bufs, q, k, v, out, lse2, osoft, dout, dlse, want)
+        want = any(ctx.needs_input_grad[5:])
+        dq, dk, dv, part, rbpart, delta = backward(pb, ctx.bufs, q, k, v, lam, out, lse2, osoft, dout, dlse, want)
+        dlam = -delta[1].sum((0, 2)) if pb.diff and ctx.needs_input_grad[4] else None  # dL/dλ_h = −Σ dO·O2
+        if not pb.diff:
+            delta = delta[0] if pb.norm.softmax else delta
         grads = []
         for i, lr in enumerate(pb.learnable):
-            if not ctx.needs_input_grad[4 + i]:
+            if not ctx.needs_input_grad[5 + i]:
                 grads.append(None)
                 continue
             t = lr.tensor
@@ -395,7 +410,7 @@ class FusedAttention(torch.autograd.Function):
                                      torch.zeros_like(lse))
                 g = (p_sink * (-delta)).sum((0, 2))
                 grads.append(_grad_like(g, t))
-        return (None, dq, dk, dv, *grads)
+        return (None, dq, dk, dv, dlam, *grads)
 
 
 _problems: "OrderedDict[tuple, Problem]" = OrderedDict()
@@ -417,12 +432,16 @@ def _mask_key(mask) -> object:
     return k
 
 
-def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale: float, need_grad: bool) -> Problem:
-    """The cached Problem of this call signature (validated and built on first use)."""
+def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale: float, need_grad: bool,
+            diff: bool = False) -> Problem:
+    """The cached Problem of this call signature (validated and built on first use); ``diff``: q and k hold the
+    two maps of differential attention in the halves of their head dim."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if diff:
+        D //= 2
     key = (_mask_key(mask), P.mods_key(score_mod), P.norm_key(normalizer), B, Hq, Hkv, Lq, Lk, D, Dv, scale,
-           q.dtype, q.device, need_grad)
+           q.dtype, q.device, need_grad, diff)
     pb = _problems.get(key)
     if pb is not None:
         _problems.move_to_end(key)
@@ -431,7 +450,9 @@ def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale:
         score_mod.validate(Hq)
     normalizer.validate(Hq)
     mask.validate(Geometry(B, Hq, Lq, Lk))
-    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, q.dtype, q.device, need_grad)
+    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, q.dtype, q.device, need_grad, diff)
+    if diff and not (pb.norm.softmax and not pb.norm.has_sink and pb.norm.gamma == 0):
+        raise P.Unsupported("differential attention with a normalizer other than plain softmax")
     with _problems_lock:
         _problems[key] = pb
         while len(_problems) > MAX_PROBLEMS:
@@ -445,7 +466,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scal
 
     Returns ``(out, lse)`` with the natural-log lse for softmax-family normalizers when ``want_lse``."""
     pb = problem(q, k, v, mask, score_mod, normalizer, scale, need_grad)
-    out, lse2 = FusedAttention.apply(pb, q, k, v, *pb.learnable_tensors)
+    out, lse2 = FusedAttention.apply(pb, q, k, v, pb.dummy_f, *pb.learnable_tensors)
     if not (pb.norm.softmax and want_lse):
         return out, None
     return out, lse2 * LN2
+
+
+def differential(q: Tensor, k: Tensor, v: Tensor, lam, mask, score_mod, scale: float, need_grad: bool) -> Tensor:
+    """Differential attention ``out_h = softmax(q1 k1ᵀ) V − λ_h·softmax(q2 k2ᵀ) V`` in one set of launches.
+
+    ``q [B,Hq,Lq,2d]``, ``k [B,Hkv,Lk,2d]`` (maps in the halves of the head dim), ``v [B,Hkv,Lk,Dv]``; ``lam`` a
+    float or a tensor of one value or ``[Hq]`` (differentiable). Both maps share each V tile and mask tile in
+    the forward, and dV's pass in the backward; raises ``plan.Unsupported``."""
+    from ..normalizers import as_normalizer
+    pb = problem(q, k, v, mask, score_mod, as_normalizer("softmax"), scale, need_grad, diff=True)
+    if isinstance(lam, Tensor):
+        lam_h = lam.to(device=pb.device, dtype=pb.acc_t).reshape(-1).expand(pb.Hq).contiguous()
+    else:
+        lam_h = torch.full((pb.Hq,), float(lam), dtype=pb.acc_t, device=pb.device)
+    out, _ = FusedAttention.apply(pb, q, k, v, lam_h, *pb.learnable_tensors)
+    return out

@@ -4,8 +4,11 @@
     A1 = softmax(scale · q1 k1ᵀ),  A2 = softmax(scale · q2 k2ᵀ),   scale = 1/sqrt(d) by default
     out_h = A1_h V − λ_h · A2_h V
 
-Each map runs through :func:`attnkit.attention`, so masks, score mods, GQA, every form and every
-backend apply unchanged. The layer-level parts of the paper (λ's re-parametrization
+With ``backend="triton"`` (or ``"auto"`` on CUDA) both maps run in one set of fused launches
+(:func:`attnkit.kernels.run_differential`): they share each V tile and mask tile in the forward and the
+pass that accumulates dV in the backward, and ``attnkit.last_backend()`` reads
+``"triton/fused-differential"``. Otherwise each map runs through :func:`attnkit.attention`, so masks,
+score mods, GQA and every form apply unchanged. The layer-level parts of the paper (λ's re-parametrization
 λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, the per-head GroupNorm and the (1 − λ_init) factor) belong
 to layers, not to this function.
 """
@@ -16,10 +19,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..api import attention, check_qkv
-from ..masks import MaskLike
+from ..api import attention, check_qkv, record_backend, resolve_scale
+from ..masks import MaskLike, as_mask
 from ..registry import Spec, Variant, register
-from ..scores import ScoreMod
+from ..scores import ScoreMod, as_score_mod
 from .softmax_variants import SOFTMAX_FORMS, kv_cache_bytes, pattern_mask, qkv, visible_pairs
 
 __all__ = ["differential_attention"]
@@ -77,6 +80,15 @@ def differential_attention(
         raise ValueError(f"differential attention splits the q/k head dim into two halves; it must be even, got {D}")
     lam = _check_lam(lam, q.shape[1], q)
     d = D // 2
+    scale = resolve_scale(scale, d)
+    if backend != "reference" and form in ("auto", "streaming") and not return_weights:
+        out = _fused(backend, q, k, v, lam, as_mask(mask), as_score_mod(score_mod), scale)
+        if out is not None:
+            record_backend("triton", "fused-differential")
+            return out.transpose(1, 2) if layout == "bthd" else out
+    elif backend == "triton":
+        raise ValueError(f"backend='triton' runs the fused (streaming) form only; got form={form!r}"
+                         + (" with return_weights=True" if return_weights else ""))
     kw = dict(mask=mask, score_mod=score_mod, scale=scale, form=form, backend=backend,
               return_weights=return_weights)
     r1 = attention(q[..., :d], k[..., :d], v, **kw)
@@ -90,6 +102,17 @@ def differential_attention(
         w1, w2 = r1[1], r2[1]
         return out, w1 - lam_h * w2
     return out
+
+
+def _fused(backend: str, q: Tensor, k: Tensor, v: Tensor, lam, mask, score_mod, scale: float) -> Optional[Tensor]:
+    """Both maps in one set of fused launches (:func:`attnkit.kernels.run_differential`), or None (reference)."""
+    try:
+        from .. import kernels
+    except ImportError as e:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' is not available: {e}") from None
+        return None
+    return kernels.run_differential(backend, q, k, v, lam, mask=mask, score_mod=score_mod, scale=scale)
 
 
 # -- registry -------------------------------------------------------------------------------------

@@ -22,8 +22,12 @@ from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_til
 
 
 @triton.jit
-def attn_bwd_pre(O, DO, DLSE, DELTA, Lq, DV, scale_o, stride_dob, stride_doh, stride_dom, stride_dod, HQ,
-                 HAS_DLSE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr):
+def attn_bwd_pre(O, OS, DO, DLSE, DELTA, LAM, Lq, DV, scale_o, stride_dob, stride_doh, stride_dom, stride_dod, HQ,
+                 HAS_DLSE: tl.constexpr, DIFF: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+                 BDV: tl.constexpr):
+    """``DIFF``: ``O = O1 − λ·O2`` and ``OS = O2``; writes map 1's ``delta = Σ dO·O1 = Σ dO·(O + λ·O2)`` at
+    ``DELTA[row]`` and ``Σ dO·O2`` at ``DELTA[B·HQ·Lq + row]`` (map 2's delta is −λ times it; its sum over rows
+    is −dL/dλ)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = i * BM + tl.arange(0, BM)
@@ -35,6 +39,11 @@ def attn_bwd_pre(O, DO, DLSE, DELTA, Lq, DV, scale_o, stride_dob, stride_doh, st
     do = load_rows(DO, pid_bh // HQ, pid_bh % HQ, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod,
                    Lq, DV).to(ACC)
     delta = tl.sum(o * do, 1) * scale_o
+    if DIFF:
+        o2 = tl.load(OS + row[:, None] * DV + offs_d[None, :], mask=msk, other=0.0).to(ACC)
+        d2 = tl.sum(o2 * do, 1)
+        delta += tl.load(LAM + pid_bh % HQ).to(ACC) * d2
+        tl.store(DELTA + tl.num_programs(1).to(tl.int64) * Lq + row, d2, mask=row_ok)
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=row_ok, other=0.0).to(ACC)
     tl.store(DELTA + row, delta, mask=row_ok)
@@ -107,23 +116,24 @@ def _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos, kpos, b, h, delta, logn, M
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, start_m, k0, kpos, b, h, pid_bh, blut,
-                offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
+def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, start_m, k0, kpos, b,
+                h, pid_bh, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
                 MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
                 MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
                 MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
                 PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
-                DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, NEED_COUNTS: tl.constexpr,
-                FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
+                DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
+                NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                BM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     offs_m = start_m + tl.arange(0, BM)
     row_ok = offs_m < Lq
     qpos = offs_m + (Lk - Lq)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
     qT = load_tile(Q + qoff + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, row_ok[None, :],
                    (offs_d < D)[:, None], MASKED, not EVEN_D)
     do = load_tile(DO + dooff + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, row_ok[:, None],
                    (offs_dv < DV)[None, :], MASKED, not EVEN_DV)
-    lse2, delta = row_softmax_stats(LSE, DELTA, pid_bh.to(tl.int64) * Lq + offs_m, row_ok, NORM, ACC, BM)
+    lse2, delta = row_softmax_stats(LSE, DELTA, row, row_ok, NORM, ACC, BM)
     logn, inv_n = row_counts(CNT, cnt_base, offs_m, row_ok, NEED_COUNTS, ACC, BM)
     tile = 0
     if MASKED:
@@ -135,24 +145,61 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, sta
         qkT, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2[None, :], logn[None, :], inv_n[None, :],
         nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
         MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
+    if DIFF:  # map 2: keys and queries from the upper halves; dV takes the weights A1 − λ·A2
+        qT2 = load_tile(Q + qoff + D * stride_qd + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                        row_ok[None, :], (offs_d < D)[:, None], MASKED, not EVEN_D)
+        lse2b, deltab = row_softmax_stats(LSE + NROWS, DELTA + NROWS, row, row_ok, NORM, ACC, BM)
+        qkT2 = tl.dot(k2, qT2, input_precision=DOT_PREC, out_dtype=ACC)
+        wT2, dwT2, t0, t1, t2, t3, t4, _ = _bwd_weights(
+            qkT2, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2b[None, :], logn[None, :],
+            inv_n[None, :], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
+            MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
+        wT = wT - lam * wT2
     dv = tl.dot(wT.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
     gT, _, _, _, _, _ = _bwd_grads(dpT, dwT, s0, s1, s2, s3, s4, vis, qpos[None, :], kpos[:, None], b, h,
                                    delta[None, :], logn[None, :], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1, DPW2,
                                    DPW3, NORM, RELAXED)
     dk = tl.dot(gT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC, out_dtype=ACC)
-    return dk, dv
+    if DIFF:  # map 2's dO is −λ·dO: its dP and delta are −λ times map 1's product and the stored sum
+        gT2, _, _, _, _, _ = _bwd_grads(dpT * (-lam), dwT2, t0, t1, t2, t3, t4, vis, qpos[None, :], kpos[:, None],
+                                        b, h, deltab[None, :] * (-lam), logn[None, :], MODF, HQ, GAMMA, MASKED, MODS,
+                                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
+        dk2 = tl.dot(gT2.to(qT2.dtype), tl.trans(qT2), dk2, input_precision=DOT_PREC, out_dtype=ACC)
+    return dk, dv, dk2
 
 
 @triton.jit
-def _dq_block(dq, pacc, rbacc, q, do, lse2, delta, logn, inv_n, kbase, vbase, start_n, q0, offs_m, qpos, b, h,
-              blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn, stride_vd,
+def _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos, kpos, RBL, RB_OFF, MODS: tl.constexpr, NBP: tl.constexpr):
+    """Add one tile's per-element parameter gradients: slot sums ``pacc[0:4]``, normalizer bias ``pacc[4]``, and
+    the relative-bias slot's gradient reduced per bucket (``rbacc``)."""
+    slots = tl.arange(0, 8)
+    pacc += tl.where(slots == 0, tl.sum(tl.sum(d0, 1), 0), 0.0)
+    pacc += tl.where(slots == 1, tl.sum(tl.sum(d1, 1), 0), 0.0)
+    pacc += tl.where(slots == 2, tl.sum(tl.sum(d2, 1), 0), 0.0)
+    pacc += tl.where(slots == 3, tl.sum(tl.sum(d3, 1), 0), 0.0)
+    pacc += tl.where(slots == 4, tl.sum(tl.sum(gn, 1), 0), 0.0)
+    if NBP > 1:
+        if (MODS & 15) == S_RELBIAS:
+            rbacc = relbias_bucket_sums(rbacc, d0, qpos, kpos, RBL, RB_OFF, NBP)
+        if ((MODS >> 4) & 15) == S_RELBIAS:
+            rbacc = relbias_bucket_sums(rbacc, d1, qpos, kpos, RBL, RB_OFF, NBP)
+        if ((MODS >> 8) & 15) == S_RELBIAS:
+            rbacc = relbias_bucket_sums(rbacc, d2, qpos, kpos, RBL, RB_OFF, NBP)
+        if ((MODS >> 12) & 15) == S_RELBIAS:
+            rbacc = relbias_bucket_sums(rbacc, d3, qpos, kpos, RBL, RB_OFF, NBP)
+    return pacc, rbacc
+
+
+@triton.jit
+def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, logn, inv_n, kbase, vbase, start_n,
+              q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn, stride_vd,
               MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
               MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
               PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
-              DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, FAST_TANH: tl.constexpr,
-              PGRAD: tl.constexpr, NBP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-              BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
+              DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
+              FAST_TANH: tl.constexpr, PGRAD: tl.constexpr, NBP: tl.constexpr, ACC: tl.constexpr,
+              DOT_PREC: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     kpos = start_n + tl.arange(0, BN)
     col_ok = kpos < Lk
     kT = load_tile(kbase + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
@@ -174,23 +221,24 @@ def _dq_block(dq, pacc, rbacc, q, do, lse2, delta, logn, inv_n, kbase, vbase, st
                                        DPW2, DPW3, NORM, RELAXED)
     dq = tl.dot(g.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC, out_dtype=ACC)
     if PGRAD:
-        slots = tl.arange(0, 8)
-        pacc += tl.where(slots == 0, tl.sum(tl.sum(d0, 1), 0), 0.0)
-        pacc += tl.where(slots == 1, tl.sum(tl.sum(d1, 1), 0), 0.0)
-        pacc += tl.where(slots == 2, tl.sum(tl.sum(d2, 1), 0), 0.0)
-        pacc += tl.where(slots == 3, tl.sum(tl.sum(d3, 1), 0), 0.0)
-        pacc += tl.where(slots == 4, tl.sum(tl.sum(gn, 1), 0), 0.0)
-        if NBP > 1:
-            # the relative-bias slot's per-element gradient, reduced per bucket
-            if (MODS & 15) == S_RELBIAS:
-                rbacc = relbias_bucket_sums(rbacc, d0, qpos[:, None], kpos[None, :], RBL, RB_OFF, NBP)
-            if ((MODS >> 4) & 15) == S_RELBIAS:
-                rbacc = relbias_bucket_sums(rbacc, d1, qpos[:, None], kpos[None, :], RBL, RB_OFF, NBP)
-            if ((MODS >> 8) & 15) == S_RELBIAS:
-                rbacc = relbias_bucket_sums(rbacc, d2, qpos[:, None], kpos[None, :], RBL, RB_OFF, NBP)
-            if ((MODS >> 12) & 15) == S_RELBIAS:
-                rbacc = relbias_bucket_sums(rbacc, d3, qpos[:, None], kpos[None, :], RBL, RB_OFF, NBP)
-    return dq, pacc, rbacc
+        pacc, rbacc = _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos[:, None], kpos[None, :], RBL, RB_OFF, MODS,
+                                  NBP)
+    if DIFF:  # map 2 (upper halves of q and k; its dO is −λ·dO, see _dkdv_block)
+        kT2 = load_tile(kbase + D * stride_kd + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        col_ok[None, :], (offs_d < D)[:, None], MASKED, not EVEN_D)
+        qk2 = tl.dot(q2, kT2, input_precision=DOT_PREC, out_dtype=ACC)
+        _, dw2, t0, t1, t2, t3, t4, _ = _bwd_weights(
+            qk2, offs_m[:, None], qpos[:, None], kpos[None, :], b, h, lse2b[:, None], logn[:, None],
+            inv_n[:, None], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
+            MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
+        g2, e0, e1, e2, e3, gn2 = _bwd_grads(dp * (-lam), dw2, t0, t1, t2, t3, t4, vis, qpos[:, None],
+                                             kpos[None, :], b, h, deltab[:, None] * (-lam), logn[:, None], MODF, HQ,
+                                             GAMMA, MASKED, MODS, DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
+        dq2 = tl.dot(g2.to(kT2.dtype), tl.trans(kT2), dq2, input_precision=DOT_PREC, out_dtype=ACC)
+        if PGRAD:
+            pacc, rbacc = _param_sums(pacc, rbacc, e0, e1, e2, e3, gn2, qpos[:, None], kpos[None, :], RBL, RB_OFF,
+                                      MODS, NBP)
+    return dq, dq2, pacc, rbacc
 
 
 @triton.jit
@@ -201,36 +249,50 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
              stride_dob, stride_doh, stride_dom, stride_dod,
              LCNT, LIDX, ls_b, ls_h, NLIST,
              CNT, cs_b, cs_h, MASKP, MASKD, BITS, BLUT, bl_b, bl_h, NK128,
-             MODF, RBT, RBL, RB_OFF, NORMF, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
+             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
              DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr, DPW3: tl.constexpr,
-             NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, NEED_COUNTS: tl.constexpr,
-             FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+             NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
+             NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              PHASE: tl.constexpr, PGRAD: tl.constexpr, NBP: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     """``PHASE = 0``: grid ``(cdiv(Lk, BN), B * HKV)``, dK/dV of one key block summed over the G query heads of
     its group. ``PHASE = 1``: grid ``(cdiv(Lq, BM), B * HQ)``, dQ of one query block; also writes
-    ``PART[pid_bh, i, 0:8]`` / ``RBPART[pid_bh, i, :]`` (``PGRAD``)."""
+    ``PART[pid_bh, i, 0:8]`` / ``RBPART[pid_bh, i, :]`` (``PGRAD``). ``DIFF``: both maps of differential
+    attention (see ``attn_fwd``); dQ and dK rows hold ``2·D`` values (map 1's gradient, then map 2's)."""
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
+    DQK = D  # row length of dQ and dK
+    if DIFF:
+        DQK = 2 * D
     if PHASE == 0:
         j = tl.program_id(0)
         pid = tl.program_id(1)
         HKV = HQ // G
         b = pid // HKV
         hk = pid % HKV
+        NROWS = (tl.num_programs(1) * G).to(tl.int64) * Lq  # B·HQ·Lq: map 2's lse and delta follow map 1's
         kpos = j * BN + tl.arange(0, BN)
         k = load_rows(K, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
         v = load_rows(V, b, hk, kpos, offs_dv, stride_vb, stride_vh, stride_vn, stride_vd, Lk, DV)
         dk = tl.zeros([BN, BD], dtype=ACC)
         dv = tl.zeros([BN, BDV], dtype=ACC)
+        if DIFF:
+            k2 = load_rows(K + D * stride_kd, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
+            dk2 = tl.zeros([BN, BD], dtype=ACC)
+        else:  # placeholders the compiler drops
+            k2 = k
+            dk2 = 0.0
         for g in range(G):
             h = hk * G + g
             nbias = 0.0
             if NORM != N_SOFTMAX:
                 nbias = tl.load(NORMF + h).to(ACC)
+            lam = 0.0
+            if DIFF:
+                lam = tl.load(LAM + h).to(ACC)
             qoff = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
             dooff = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
             blut = BLUT + b * bl_b + h * bl_h
@@ -241,16 +303,20 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
                 i0 = tl.load(LIDX + lrow)
                 for t in range(tl.load(LCNT + 2 * lst + part)):
                     i = nth_block(LIDX, lrow, t, i0, part == 0)
-                    dk, dv = _dkdv_block(
-                        dk, dv, k, v, Q, DO, LSE, DELTA, CNT, cnt_base, qoff, dooff, i * BM, j * BN, kpos, b, h,
-                        b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
-                        MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
-                        part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1,
-                        DPW2, DPW3, NORM, RELAXED, NEED_COUNTS, FAST_TANH, ACC, DOT_PREC, BM, EVEN_D, EVEN_DV)
+                    dk, dv, dk2 = _dkdv_block(
+                        dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, i * BM,
+                        j * BN, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
+                        stride_dom, stride_dod, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
+                        D, DV, scale, part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3,
+                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, NEED_COUNTS, FAST_TANH, ACC, DOT_PREC, BM,
+                        EVEN_D, EVEN_DV)
         col_ok = kpos < Lk
         base = pid.to(tl.int64) * Lk + kpos
-        tl.store(DK + base[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=col_ok[:, None] & (offs_d < D)[None, :])
+        dk_mask = col_ok[:, None] & (offs_d < D)[None, :]
+        tl.store(DK + base[:, None] * DQK + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
+        if DIFF:
+            tl.store(DK + base[:, None] * DQK + D + offs_d[None, :], (dk2 * scale).to(DK.dtype.element_ty),
+                     mask=dk_mask)
         tl.store(DV_ + base[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
                  mask=col_ok[:, None] & (offs_dv < DV)[None, :])
     else:
@@ -262,6 +328,18 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
         do = load_rows(DO, b, h, offs_m, offs_dv, stride_dob, stride_doh, stride_dom, stride_dod, Lq, DV)
         row = pid_bh.to(tl.int64) * Lq + offs_m
         lse2, delta = row_softmax_stats(LSE, DELTA, row, row_ok, NORM, ACC, BM)
+        if DIFF:
+            NROWS = tl.num_programs(1).to(tl.int64) * Lq
+            q2 = load_rows(Q + D * stride_qd, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
+            lse2b, deltab = row_softmax_stats(LSE + NROWS, DELTA + NROWS, row, row_ok, NORM, ACC, BM)
+            lam = tl.load(LAM + h).to(ACC)
+            dq2 = tl.zeros([BM, BD], dtype=ACC)
+        else:  # placeholders the compiler drops
+            q2 = q
+            lse2b = lse2
+            deltab = delta
+            lam = 0.0
+            dq2 = 0.0
         logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, NEED_COUNTS, ACC, BM)
         nbias = 0.0
         if NORM != N_SOFTMAX:
@@ -278,14 +356,17 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
             j0 = tl.load(LIDX + lrow)
             for t in range(tl.load(LCNT + 2 * lst + part)):
                 j = nth_block(LIDX, lrow, t, j0, part == 0)
-                dq, pacc, rbacc = _dq_block(
-                    dq, pacc, rbacc, q, do, lse2, delta, logn, inv_n, kbase, vbase, j * BN, q0, offs_m, qpos, b, h,
-                    blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn, stride_vd,
-                    MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+                dq, dq2, pacc, rbacc = _dq_block(
+                    dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, logn, inv_n, kbase, vbase,
+                    j * BN, q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn,
+                    stride_vd, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
                     part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1,
-                    DPW2, DPW3, NORM, RELAXED, FAST_TANH, PGRAD, NBP, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV)
-        tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_d < D)[None, :])
+                    DPW2, DPW3, NORM, RELAXED, DIFF, FAST_TANH, PGRAD, NBP, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV)
+        dq_mask = row_ok[:, None] & (offs_d < D)[None, :]
+        tl.store(DQ + row[:, None] * DQK + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+        if DIFF:
+            tl.store(DQ + row[:, None] * DQK + D + offs_d[None, :], (dq2 * scale).to(DQ.dtype.element_ty),
+                     mask=dq_mask)
         if PGRAD:
             prog = pid_bh.to(tl.int64) * tl.num_programs(0) + i
             tl.store(PART + prog * 8 + tl.arange(0, 8), pacc)

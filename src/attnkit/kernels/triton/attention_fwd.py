@@ -16,14 +16,46 @@ from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, load_rows, load_tile, mask_til
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, acc_u, q, kbase, vbase, start_n, q0, offs_m, qpos, offs_n, offs_d, offs_dv,
-               b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
+def _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, RBL, RB_OFF, HQ, scale,
+                  MASKED: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
+                  PW2: tl.constexpr, PW3: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr,
+                  DOT_PREC: tl.constexpr, SCALE_NEG: tl.constexpr):
+    """One online-softmax update of ``(acc, m, l)`` (base 2) with the products ``qk`` of one key block."""
+    if (MODS == 0) & (not MASKED):  # row max of the raw products, then one FMA per score
+        if SCALE_NEG:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * (scale * LOG2E))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * (scale * LOG2E))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * (scale * LOG2E) - m_use[:, None])
+    else:
+        if MODS == 0:
+            s2 = qk * (scale * LOG2E)
+        else:
+            _, _, _, s = mods_chain(qk * scale, qpos[:, None], kpos[None, :], b, h, logn[:, None], MODF, HQ,
+                                    RBT, RBL, RB_OFF, MODS, PW0, PW1, PW2, PW3, FAST_TANH)
+            s2 = s * LOG2E
+        if MASKED:
+            s2 = tl.where(vis, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s2 - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n, q0, offs_m, qpos, offs_n, offs_d,
+               offs_dv, b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
                MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
                MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
                MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr,
-               PW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, FAST_TANH: tl.constexpr,
-               ACC: tl.constexpr, DOT_PREC: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-               EVEN_DV: tl.constexpr, SCALE_NEG: tl.constexpr):
+               PW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
+               FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BN: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, SCALE_NEG: tl.constexpr):
     kpos = start_n + offs_n
     col_ok = kpos < Lk
     kT = load_tile(kbase + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
@@ -31,6 +63,7 @@ def _fwd_block(acc, m_i, l_i, acc_u, q, kbase, vbase, start_n, q0, offs_m, qpos,
     v = load_tile(vbase + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd, col_ok[:, None],
                   (offs_dv < DV)[None, :], MASKED, not EVEN_DV)
     qk = tl.dot(q, kT, input_precision=DOT_PREC, out_dtype=ACC)
+    vis = True
     if MASKED:
         tile = 0
         if MASK_MODE == MODE_BITMAP:
@@ -38,30 +71,16 @@ def _fwd_block(acc, m_i, l_i, acc_u, q, kbase, vbase, start_n, q0, offs_m, qpos,
         vis = mask_tile(offs_m[:, None], qpos[:, None], kpos[None, :], b, Lq, Lk, MASKP, MASKD, BITS, tile,
                         MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT)
     if NORM == N_SOFTMAX:
-        if (MODS == 0) & (not MASKED):  # row max of the raw products, then one FMA per score
-            if SCALE_NEG:
-                m_new = tl.maximum(m_i, tl.min(qk, 1) * (scale * LOG2E))
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * (scale * LOG2E))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * (scale * LOG2E) - m_use[:, None])
-        else:
-            if MODS == 0:
-                s2 = qk * (scale * LOG2E)
-            else:
-                _, _, _, s = mods_chain(qk * scale, qpos[:, None], kpos[None, :], b, h, logn[:, None], MODF, HQ,
-                                        RBT, RBL, RB_OFF, MODS, PW0, PW1, PW2, PW3, FAST_TANH)
-                s2 = s * LOG2E
-            if MASKED:
-                s2 = tl.where(vis, s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s2 - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC, out_dtype=ACC)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, RBL, RB_OFF,
+                                      HQ, scale, MASKED, MODS, PW0, PW1, PW2, PW3, FAST_TANH, ACC, DOT_PREC,
+                                      SCALE_NEG)
+        if DIFF:  # the second map: its own keys (the upper half of K's head dim), the same V tile and mask
+            kT2 = load_tile(kbase + D * stride_kd + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                            col_ok[None, :], (offs_d < D)[:, None], MASKED, not EVEN_D)
+            qk2 = tl.dot(q2, kT2, input_precision=DOT_PREC, out_dtype=ACC)
+            acc2, m2, l2 = _softmax_step(acc2, m2, l2, qk2, v, vis, qpos, kpos, b, h, logn, MODF, RBT, RBL, RB_OFF,
+                                         HQ, scale, MASKED, MODS, PW0, PW1, PW2, PW3, FAST_TANH, ACC, DOT_PREC,
+                                         SCALE_NEG)
         if RELAXED:
             if MASKED:
                 acc_u = tl.dot(vis.to(v.dtype), v, acc_u, input_precision=DOT_PREC, out_dtype=ACC)
@@ -75,7 +94,15 @@ def _fwd_block(acc, m_i, l_i, acc_u, q, kbase, vbase, start_n, q0, offs_m, qpos,
         if MASKED:
             w = tl.where(vis, w, 0.0)
         acc = tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    return acc, m_i, l_i, acc_u
+    return acc, m_i, l_i, acc_u, acc2, m2, l2
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):
+    """``(acc / l, base-2 lse)``; rows without a visible key give 0 and lse −inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    lse = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.math.log2(l_safe))
+    return acc / l_safe[:, None], lse
 
 
 @triton.jit
@@ -85,14 +112,18 @@ def attn_fwd(Q, K, V, O, LSE, OS,
              stride_vb, stride_vh, stride_vn, stride_vd,
              LCNT, LIDX, ls_b, ls_h, NLIST,
              CNT, cs_b, cs_h, MASKP, MASKD, BITS, BLUT, bl_b, bl_h, NK128,
-             MODF, RBT, RBL, RB_OFF, NORMF, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
+             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
-             NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, NEED_COUNTS: tl.constexpr,
-             FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, SCALE_NEG: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
+             NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+             SCALE_NEG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
-    """Grid ``(cdiv(Lq, BM), B * HQ)``."""
+    """Grid ``(cdiv(Lq, BM), B * HQ)``.
+
+    ``DIFF`` (differential attention): q and k hold two maps in the halves ``[0, D)`` and ``[D, 2D)`` of
+    their head dim; both share each V tile and mask tile. Writes ``O = O1 − λ_h·O2``, ``OS = O2`` and the
+    base-2 lse of map 1 at ``LSE[row]``, of map 2 at ``LSE[B·HQ·Lq + row]``."""
     i, pid_bh, b, h, hk, offs_m = program_rows(HQ, G, BM)
     q0 = i * BM
     offs_n = tl.arange(0, BN)
@@ -115,6 +146,16 @@ def attn_fwd(Q, K, V, O, LSE, OS,
         l_i = tl.full([BM], 0.0, ACC)
     acc = tl.zeros([BM, BDV], dtype=ACC)
     acc_u = tl.zeros([BM, BDV], dtype=ACC)
+    if DIFF:
+        q2 = load_rows(Q + D * stride_qd, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
+        acc2 = tl.zeros([BM, BDV], dtype=ACC)
+        m2 = tl.full([BM], float("-inf"), ACC)
+        l2 = tl.full([BM], 0.0, ACC)
+    else:  # placeholders the compiler drops
+        q2 = q
+        acc2 = 0.0
+        m2 = 0.0
+        l2 = 0.0
     blut = BLUT + b * bl_b + h * bl_h
     lst = b * ls_b + h * ls_h + i
     for part in tl.static_range(2):  # FULL key blocks (no element mask), then PARTIAL ones (exact mask)
@@ -122,23 +163,27 @@ def attn_fwd(Q, K, V, O, LSE, OS,
         j0 = tl.load(LIDX + lrow)
         for t in range(tl.load(LCNT + 2 * lst + part)):
             j = nth_block(LIDX, lrow, t, j0, part == 0)
-            acc, m_i, l_i, acc_u = _fwd_block(
-                acc, m_i, l_i, acc_u, q, kbase, vbase, j * BN, q0, offs_m, qpos, offs_n, offs_d, offs_dv,
-                b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
+            acc, m_i, l_i, acc_u, acc2, m2, l2 = _fwd_block(
+                acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, j * BN, q0, offs_m, qpos, offs_n, offs_d,
+                offs_dv, b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
                 MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
                 part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED,
-                FAST_TANH, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV, SCALE_NEG)
+                DIFF, FAST_TANH, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV, SCALE_NEG)
     row = pid_bh.to(tl.int64) * Lq + offs_m
     o_ptrs = row[:, None] * DV + offs_dv[None, :]
     o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
     if NORM == N_SOFTMAX:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        o = acc / l_safe[:, None]
-        lse = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
+        o, lse = _softmax_finish(acc, m_i, l_i)
         tl.store(LSE + row, lse, mask=row_ok)
         if RELAXED:
             tl.store(OS + o_ptrs, o.to(OS.dtype.element_ty), mask=o_mask)
             o = (1.0 - GAMMA) * o + GAMMA * acc_u * inv_n[:, None]
+        if DIFF:
+            o2, lse2 = _softmax_finish(acc2, m2, l2)
+            tl.store(LSE + tl.num_programs(1).to(tl.int64) * Lq + row, lse2, mask=row_ok)
+            tl.store(OS + o_ptrs, o2.to(OS.dtype.element_ty), mask=o_mask)
+            o = o - tl.load(LAM + h).to(ACC) * o2
     else:
         o = acc
     tl.store(O + o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
+

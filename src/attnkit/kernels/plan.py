@@ -108,7 +108,13 @@ class MaskPlan:
 
     @property
     def kind(self) -> str:
-        return ("none", "leaves", "bitmap")[self.mode]
+        """The mask kind of the tuning key: ``none``, ``bitmap``, or the in-kernel leaves with their truth table
+        (``causal``, ``sliding_window``, ``causal.document/8``, ...; parameters and lengths left out)."""
+        if self.mode != MODE_LEAVES:
+            return ("none", "leaves", "bitmap")[self.mode]
+        names = {code: name for name, code in MASK_CODES.items()}
+        leaves = ".".join(names[(self.leaves >> (4 * i)) & 15] for i in range(self.n_leaves))
+        return leaves if self.n_leaves == 1 else f"{leaves}/{self.tt}"
 
 
 def _truth_table(mask: M.Mask, index: Dict[int, int]) -> int:

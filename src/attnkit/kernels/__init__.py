@@ -163,12 +163,26 @@ def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, norma
     return "triton", out, (lse if return_lse else None)
 
 
+def _even(n: int) -> bool:
+    """A head dim the kernels use unpadded (a power of two ≥ 16)."""
+    return n >= 16 and n & (n - 1) == 0
+
+
 def run_differential(backend: str, q: Tensor, k: Tensor, v: Tensor, lam, *, mask, score_mod,
                      scale: float) -> Optional[Tensor]:
     """Fused differential attention for :func:`attnkit.variants.differential_attention`: ``out`` or None
-    ("use the reference", only for ``backend="auto"``). ``q [B,Hq,Lq,2d]``, ``k [B,Hkv,Lk,2d]``,
-    ``v [B,Hkv,Lk,Dv]``; both maps run in the same launches (no SDPA form computes this)."""
+    (the caller then runs the two maps as two :func:`attnkit.attention` calls with the same backend).
+    ``q [B,Hq,Lq,2d]``, ``k [B,Hkv,Lk,2d]``, ``v [B,Hkv,Lk,Dv]``; both maps run in the same launches (no
+    SDPA form computes this).
+
+    Head dims where neither ``d`` nor ``Dv`` is a power of two ≥ 16 (both padded inside the kernel, e.g.
+    d = 8 or 24 with Dv = 19 or 40) return None: there the single-call kernel compiled by Triton 3.6 for
+    sm_90 gave wrong dQ or an illegal address on the H100 while the interpreter's result was exact
+    (notes/kernels.md); two single-map calls are exact there. The interpreter (CPU tests) runs every
+    head dim fused."""
     if not _fusable(backend, q):
+        return None
+    if not (_even(q.shape[-1] // 2) or _even(v.shape[-1]) or tuning.interpreting()):
         return None
     from .attention import differential
     need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))

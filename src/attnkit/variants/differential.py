@@ -7,7 +7,8 @@
 With ``backend="triton"`` (or ``"auto"`` on CUDA) both maps run in one set of fused launches
 (:func:`attnkit.kernels.run_differential`): they share each V tile and mask tile in the forward and the
 pass that accumulates dV in the backward, and ``attnkit.last_backend()`` reads
-``"triton/fused-differential"``. Otherwise each map runs through :func:`attnkit.attention`, so masks,
+``"triton/fused-differential"`` (head dims where ``d`` or ``Dv`` is a power of two ≥ 16; other head dims
+run two fused calls, see :func:`attnkit.kernels.run_differential`). Otherwise each map runs through :func:`attnkit.attention`, so masks,
 score mods, GQA and every form apply unchanged. The layer-level parts of the paper (λ's re-parametrization
 λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, the per-head GroupNorm and the (1 − λ_init) factor) belong
 to layers, not to this function.

@@ -77,23 +77,12 @@ def two_call(attn: Callable, q, k, v, lam) -> Callable[[], torch.Tensor]:
 def flex_attn(q, k, mask, score_mod, scale: float) -> Callable:
     """One compiled FlexAttention with attnkit's mask and score mod, shared by both maps (one BlockMask,
     one compile per shape: the two maps' views have the same shapes and strides)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from attnkit import masks as M
-    from attnkit.kernels.peers import _compiled_flex, flex_mods
+    from attnkit.kernels.peers import flex_call
     B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    mods = flex_mods(mask, score_mod, B, Hq, Lq, Lk, q.device)
-    if mods is None:
+    fn = flex_call(mask, score_mod, B, Hq, k.shape[1], Lq, k.shape[2], q.device, scale)
+    if fn is None:
         raise Refused(f"score mod {score_mod!r} has no FlexAttention form")
-    mask_mod, sc = mods
-    block_mask = None
-    if mask_mod is not None:  # built as kernels.peers.peers builds it (uncompiled, once per shape)
-        Bp, Hp = mask.bh_shape(M.Geometry(B, Hq, Lq, Lk), q.device)
-        block_mask = create_block_mask(mask_mod, B if Bp > 1 else None, Hq if Hp > 1 else None, Lq, Lk,
-                                       device=q.device, _compile=False)
-    flex, gqa = _compiled_flex(), Hq != k.shape[1]
-    return lambda qi, ki, vi: flex(qi, ki, vi, score_mod=sc, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return fn
 
 
 def sdpa_reason(backend: str, q, k, v, form: dict, scale: float) -> str:

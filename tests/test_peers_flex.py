@@ -189,18 +189,17 @@ def test_held_tensors_move_once():
 
 
 def test_compiled_flex_cpu():
-    """The peer's pieces compile (Dynamo + Inductor's Flex lowering, here on the CPU): every built-in score
-    mod together, per-batch prefix and document ids; float32 output against the float64 reference."""
-    from attnkit.kernels.peers import _compiled_flex
+    """The Flex peer (``kernels.peers.flex_call``) compiles (Dynamo + Inductor's Flex lowering, here on the CPU):
+    every built-in score mod together, per-batch prefix and document ids; float32 output against the float64
+    reference."""
+    from attnkit.kernels.peers import flex_call
     B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 48, 80, 16
     ids = torch.sort(torch.randint(0, 4, (B, Lk)), dim=1).values
     mask = (M.prefix_lm(torch.randint(0, Lk, (B,))) & M.document(ids)) | M.sinks(2)
     mod = S.compose(S.temperature(torch.rand(Hq) + 0.5), S.alibi(), S.relative_bias(Hq, 16, 64),
                     S.ssmax(torch.rand(Hq) + 0.2), S.softcap(4.0))
     q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype=torch.float32)
-    mask_mod, score_mod = flex_mods(mask, mod, B, Hq, Lq, Lk, q.device)
-    bm = create_block_mask(mask_mod, B, None, Lq, Lk, device="cpu", BLOCK_SIZE=16, _compile=False)
-    out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True)
+    out = flex_call(mask, mod, B, Hq, Hkv, Lq, Lk, q.device, D ** -0.5)(q, k, v)  # the benchmarks' Flex peer
     ref = attnkit.attention(q.double(), k.double(), v.double(), mask=mask, score_mod=mod, form="materialized",
                             backend="reference")
     assert_close(out, ref, atol=2e-5, rtol=1e-4, what="compiled flex")

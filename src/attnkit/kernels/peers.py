@@ -83,6 +83,26 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
     return mask_mod, score
 
 
+def flex_call(mask, score_mod, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, device, scale: float
+              ) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """``fn(q, k, v)``: one compiled FlexAttention computing attnkit's ``mask`` and ``score_mod`` at this shape
+    (its BlockMask built once), or None where a score mod has no FlexAttention form."""
+    mods = flex_mods(mask, score_mod, B, Hq, Lq, Lk, device)
+    if mods is None:
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+    mask_mod, sc = mods
+    block_mask = None
+    if mask_mod is not None:
+        Bp, Hp = mask.bh_shape(M.Geometry(B, Hq, Lq, Lk), device)
+        # uncompiled build (once per shape): the compiled builder's first inductor compile stalled
+        # minutes on a fresh machine; this one evaluates mask_mod over Lq x Lk once
+        block_mask = create_block_mask(mask_mod, B if Bp > 1 else None, Hq if Hp > 1 else None, Lq, Lk,
+                                       device=device, _compile=False)
+    flex, gqa = _compiled_flex(), Hq != Hkv
+    return lambda q, k, v: flex(q, k, v, score_mod=sc, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
 def peers(q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, normalizer, scale: Optional[float]
           ) -> Dict[str, Callable[[], Tensor]]:
     """Peers computing exactly this call (q ``[B,Hq,Lq,D]``, k ``[B,Hkv,Lk,D]``, v ``[B,Hkv,Lk,Dv]``, CUDA)."""
@@ -102,20 +122,8 @@ def peers(q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, normalizer, scale
     plain = isinstance(normalizer, Softmax) and normalizer.sink is None and normalizer.gamma == 0
     if plain and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
         B, Hq, Lq, _ = q.shape
-        Lk = k.shape[2]
-        mods = flex_mods(mask, score_mod, B, Hq, Lq, Lk, q.device)
-        if mods is not None:
-            from torch.nn.attention.flex_attention import create_block_mask
-            mask_mod, sc = mods
-            block_mask = None
-            if mask_mod is not None:
-                Bp, Hp = mask.bh_shape(M.Geometry(B, Hq, Lq, Lk), q.device)
-                # uncompiled build (once per shape): the compiled builder's first inductor compile stalled
-                # minutes on a fresh machine; this one evaluates mask_mod over Lq x Lk once
-                block_mask = create_block_mask(mask_mod, B if Bp > 1 else None, Hq if Hp > 1 else None, Lq, Lk,
-                                               device=q.device, _compile=False)
-            flex = _compiled_flex()
-            gqa = Hq != k.shape[1]
-            out["flex"] = lambda: flex(q, k, v, score_mod=sc, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        fn = flex_call(mask, score_mod, B, Hq, k.shape[1], Lq, k.shape[2], q.device, scale)
+        if fn is not None:
+            out["flex"] = lambda: fn(q, k, v)
     return out
 

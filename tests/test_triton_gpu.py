@@ -170,6 +170,7 @@ def test_random_composition(i):
     m = mask(3)
     mods = random.sample(_MODS, random.randint(0, 2))  # distinct kinds (one relative_bias at most)
     mods = [f(H) for f in mods]
+    print(f"mask {m!r}, mods {mods}, L={L}")  # shown when the test fails
     dtype = random.choice([torch.bfloat16, torch.float16])
     D = random.choice([64, 128])
     check(1, H, random.choice([1, 2, 4]), L, L, D, D, dtype, mask=m, score_mod=mods or None)
@@ -396,6 +397,7 @@ def test_differential_random_composition(i):
 
     m = mask(3)
     mods = [f(H) for f in random.sample(_MODS, random.randint(0, 2))]
+    print(f"mask {m!r}, mods {mods}, L={L}")  # shown when the test fails
     dtype = random.choice([torch.bfloat16, torch.float16])
     D, Dv = random.choice([64, 128]), random.choice([64, 128])
     check_differential(1, H, random.choice([1, 2, 4]), L, L, D, Dv, dtype, lam=random.choice(["float", "per-head"]),

@@ -44,7 +44,7 @@ from typing import Callable, Dict, List  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from softmax_gpu import _f, cached_pattern, make_steps, rel_err, visible_pairs, warm  # noqa: E402
+from softmax_gpu import _f, cached_pattern, make_steps, rel_err, table, visible_pairs, warm  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.bench import environment, peak_memory, time_ms  # noqa: E402
@@ -389,11 +389,7 @@ def main(argv=None) -> None:
         print(merge(args.merge, args.out, args.suffix))
         return
     if args.table:
-        with open(args.table) as f:
-            md = markdown(json.load(f))
-        with open(os.path.splitext(args.table)[0] + ".md", "w") as f:
-            f.write(md)
-        print(md)
+        print(table(args.table, markdown))
         return
     run(args)
 

@@ -224,6 +224,15 @@ def run(args) -> None:
     print(markdown({"environment": env, "config": config, "rows": rows}))
 
 
+def table(path: str, markdown: Callable[[dict], str]) -> str:
+    """The markdown of a results JSON, also written next to it (``.md``)."""
+    with open(path) as f:
+        md = markdown(json.load(f))
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(md)
+    return md
+
+
 def force_fwd_config(spec: str) -> None:
     """Run every forward with the configuration ``BM,BN,warps,stages`` (an A/B of tile shapes)."""
     from attnkit.kernels import tuning
@@ -387,12 +396,7 @@ def main(argv=None) -> None:
         print(markdown(data))
         return
     if args.table:
-        with open(args.table) as f:
-            data = json.load(f)
-        md = markdown(data)
-        with open(os.path.splitext(args.table)[0] + ".md", "w") as f:
-            f.write(md)
-        print(md)
+        print(table(args.table, markdown))
         return
     run(args)
 

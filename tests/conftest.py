@@ -49,6 +49,15 @@ def pytest_runtest_makereport(item, call):
         rep.sections.append(("attnkit seed", f"reproduce with {SEED_ENV}={base} (torch seed {seed})"))
 
 
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one intra-op thread per worker. A test module turns it on with
+    ``_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randn(*shape, dtype=F64, requires_grad=False) -> torch.Tensor:
     return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
 

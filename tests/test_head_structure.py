@@ -21,18 +21,13 @@ from attnkit.registry import Spec, get_variant
 from attnkit.variants.differential import differential_attention
 from attnkit.variants.multitoken import multi_token_attention
 from attnkit.variants.simplicial import WINDOW1, WINDOW2, simplicial_attention
-from conftest import F64, RMask, assert_close, mask_case, rand_qkv, randn, ref_attention, ref_normalize, ref_scores
+from conftest import (F64, RMask, assert_close, mask_case, one_thread, rand_qkv, randn, ref_attention, ref_normalize,
+                      ref_scores)
 
 FORMS3 = ["materialized", "streaming", "recurrent"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def rmask(name, B, H, Lq, Lk):

@@ -32,7 +32,7 @@ from attnkit import scores as S  # noqa: E402
 from attnkit.kernels import attention as KA  # noqa: E402
 from attnkit.variants.differential import differential_attention  # noqa: E402
 
-from conftest import F64, Pos, RMask, mask_case, t5_bucket_ref  # noqa: E402
+from conftest import F64, Pos, RMask, mask_case, one_thread, t5_bucket_ref  # noqa: E402
 
 FUSED = "triton/fused-differential"
 ATOL, RTOL = 1e-10, 1e-9
@@ -44,13 +44,7 @@ def _interpret_and_poison(monkeypatch):
     monkeypatch.setattr(KA, "POISON", True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread per worker."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -156,18 +156,20 @@ _MODS = [lambda H: S.softcap(random.uniform(2, 30)), lambda H: S.alibi(), lambda
          lambda H: S.relative_bias(H).to(DEV), lambda H: S.ssmax(0.4)]
 
 
+def random_mask(L: int, depth: int = 3):
+    """A random boolean composition (``& | ~``) of random leaves for length ``L``."""
+    if depth == 0 or random.random() < 0.35:
+        return random.choice(_LEAVES)(L)
+    op = random.choice("&|~")
+    a = random_mask(L, depth - 1)
+    return ~a if op == "~" else (a & random_mask(L, depth - 1) if op == "&" else a | random_mask(L, depth - 1))
+
+
 @pytest.mark.parametrize("i", range(12))
 def test_random_composition(i):
     L, H = random.randint(200, 700), 4
 
-    def mask(depth):
-        if depth == 0 or random.random() < 0.35:
-            return random.choice(_LEAVES)(L)
-        op = random.choice("&|~")
-        a = mask(depth - 1)
-        return ~a if op == "~" else (a & mask(depth - 1) if op == "&" else a | mask(depth - 1))
-
-    m = mask(3)
+    m = random_mask(L)
     mods = random.sample(_MODS, random.randint(0, 2))  # distinct kinds (one relative_bias at most)
     mods = [f(H) for f in mods]
     print(f"mask {m!r}, mods {mods}, L={L}")  # shown when the test fails
@@ -388,14 +390,7 @@ def test_differential_padded_head_dims(D, Dv):
 def test_differential_random_composition(i):
     L, H = random.randint(200, 700), 4
 
-    def mask(depth):
-        if depth == 0 or random.random() < 0.35:
-            return random.choice(_LEAVES)(L)
-        op = random.choice("&|~")
-        a = mask(depth - 1)
-        return ~a if op == "~" else (a & mask(depth - 1) if op == "&" else a | mask(depth - 1))
-
-    m = mask(3)
+    m = random_mask(L)
     mods = [f(H) for f in random.sample(_MODS, random.randint(0, 2))]
     print(f"mask {m!r}, mods {mods}, L={L}")  # shown when the test fails
     dtype = random.choice([torch.bfloat16, torch.float16])

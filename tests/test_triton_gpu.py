@@ -132,13 +132,18 @@ def test_normalizers(name):
     check(1, H, 2, 400, 500, 64, 64, torch.bfloat16, mask=M.causal, normalizer=norm)
 
 
+def learnable_mod(name: str, H: int):
+    """A score mod with a fresh learnable per-head parameter (or relative-bias table) on the GPU."""
+    return {"alibi": lambda: S.alibi(torch.rand(H, device=DEV).add(0.1).requires_grad_()),
+            "relbias": lambda: S.relative_bias(H, table=torch.randn(32, H, device=DEV).requires_grad_()),
+            "ssmax": lambda: S.ssmax(torch.rand(H, device=DEV).add(0.2).requires_grad_()),
+            "temperature": lambda: S.temperature(torch.rand(H, device=DEV).add(0.5).requires_grad_())}[name]()
+
+
 @pytest.mark.parametrize("name", ["alibi", "relbias", "ssmax", "temperature"])
 def test_learnable_mods(name):
     H = 4
-    sm = {"alibi": lambda: S.alibi(torch.rand(H, device=DEV).add(0.1).requires_grad_()),
-          "relbias": lambda: S.relative_bias(H, table=torch.randn(32, H, device=DEV).requires_grad_()),
-          "ssmax": lambda: S.ssmax(torch.rand(H, device=DEV).add(0.2).requires_grad_()),
-          "temperature": lambda: S.temperature(torch.rand(H, device=DEV).add(0.5).requires_grad_())}[name]()
+    sm = learnable_mod(name, H)
     check(1, H, 4, 333, 333, 64, 64, torch.float32, mask=M.causal, score_mod=sm)
 
 
@@ -356,10 +361,7 @@ def test_differential_lambda(lam, lam_dtype):
 @pytest.mark.parametrize("name", ["alibi", "relbias", "ssmax", "temperature"])
 def test_differential_learnable_mods(name):
     H = 4
-    sm = {"alibi": lambda: S.alibi(torch.rand(H, device=DEV).add(0.1).requires_grad_()),
-          "relbias": lambda: S.relative_bias(H, table=torch.randn(32, H, device=DEV).requires_grad_()),
-          "ssmax": lambda: S.ssmax(torch.rand(H, device=DEV).add(0.2).requires_grad_()),
-          "temperature": lambda: S.temperature(torch.rand(H, device=DEV).add(0.5).requires_grad_())}[name]()
+    sm = learnable_mod(name, H)
     check_differential(1, H, 2, 333, 333, 64, 64, torch.float32, mask=M.causal, score_mod=sm)
 
 

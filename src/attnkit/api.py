@@ -159,19 +159,26 @@ def _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, det
     Returns ``(backend_name, out, lse)`` or None (auto: no fused kernel applies, use the reference).
     With ``backend="triton"`` an unsupported request raises ValueError naming what is supported.
     """
+    run = fused_entry(backend, "run")
+    if run is None:
+        return None
+    return run(backend, q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer,
+               scale=scale, return_lse=return_lse, deterministic=deterministic)
+
+
+def fused_entry(backend: str, name: str):
+    """The dispatcher ``attnkit.kernels.<name>``, or None where the fused kernels cannot be imported
+    (``backend="triton"``: ValueError instead)."""
     try:
         from . import kernels
     except ImportError as e:
         if backend == "triton":
             raise ValueError(f"backend='triton' is not available: {e}") from None
         return None
-    run = getattr(kernels, "run", None)
-    if run is None:
-        if backend == "triton":
-            raise ValueError("backend='triton' is not available: attnkit.kernels has no run()")
-        return None
-    return run(backend, q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer,
-               scale=scale, return_lse=return_lse, deterministic=deterministic)
+    fn = getattr(kernels, name, None)
+    if fn is None and backend == "triton":
+        raise ValueError(f"backend='triton' is not available: attnkit.kernels has no {name}()")
+    return fn
 
 
 def run_reference(q, k, v, mask, score_mod, normalizer, scale, form, return_lse, return_weights, layout,

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..api import attention, check_qkv, record_backend, resolve_scale
+from ..api import attention, check_qkv, fused_entry, record_backend, resolve_scale
 from ..masks import MaskLike, as_mask
 from ..registry import Spec, Variant, register
 from ..scores import ScoreMod, as_score_mod
@@ -83,7 +83,9 @@ def differential_attention(
     d = D // 2
     scale = resolve_scale(scale, d)
     if backend != "reference" and form in ("auto", "streaming") and not return_weights:
-        out = _fused(backend, q, k, v, lam, as_mask(mask), as_score_mod(score_mod), scale)
+        run = fused_entry(backend, "run_differential")
+        out = None if run is None else run(backend, q, k, v, lam, mask=as_mask(mask),
+                                           score_mod=as_score_mod(score_mod), scale=scale)
         if out is not None:
             record_backend("triton", "fused-differential")
             return out.transpose(1, 2) if layout == "bthd" else out
@@ -103,17 +105,6 @@ def differential_attention(
         w1, w2 = r1[1], r2[1]
         return out, w1 - lam_h * w2
     return out
-
-
-def _fused(backend: str, q: Tensor, k: Tensor, v: Tensor, lam, mask, score_mod, scale: float) -> Optional[Tensor]:
-    """Both maps in one set of fused launches (:func:`attnkit.kernels.run_differential`), or None (reference)."""
-    try:
-        from .. import kernels
-    except ImportError as e:
-        if backend == "triton":
-            raise ValueError(f"backend='triton' is not available: {e}") from None
-        return None
-    return kernels.run_differential(backend, q, k, v, lam, mask=mask, score_mod=score_mod, scale=scale)
 
 
 # -- registry -------------------------------------------------------------------------------------

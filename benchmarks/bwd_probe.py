@@ -4,7 +4,8 @@
 
 For each case (pattern:T, bf16, H = 16, D = 128, B·T = 16384): the CUDA kernels of one attnkit
 forward+backward and one Flex forward+backward (torch profiler), then attnkit's forward+backward time with each
-``dkdv/dq`` configuration ``BM,BN,warps,stages/BM,BN,warps,stages`` (median of CUDA-event timings after warm-up).
+``dkdv/dq`` configuration ``BM,BN,warps,stages/BM,BN,warps,stages[/split]`` (median of CUDA-event timings after
+warm-up; ``/split``: dK/dV and dQ as two launches).
 """
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def kernel_table(step, n: int = 5) -> list:
 
 
 def force(spec: str) -> None:
-    dkdv, dq = (tuning.Config(*(int(x) for x in s.split(","))) for s in spec.split("/"))
+    """Force ``dkdv/dq`` configurations; a trailing ``/split`` runs them as two launches (else one, where the
+    warps and stages agree)."""
+    parts = spec.split("/")
+    A.SPLIT_BWD = parts[-1] == "split"
+    dkdv, dq = (tuning.Config(*(int(x) for x in s.split(","))) for s in parts[:2])
     base = tuning.defaults
 
     def forced(phase, *args):
@@ -61,8 +66,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="+", default=["full:16384", "causal:16384", "causal:1024"])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--D", type=int, default=128)
     a = ap.parse_args(argv)
-    dev, H, D = torch.device("cuda"), 16, 128
+    dev, H, D = torch.device("cuda"), 16, a.D
     result = []
     for case in a.cases:
         pat, T = case.split(":")
@@ -96,6 +102,7 @@ def main(argv=None) -> None:
                 print(f"{case} {spec}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             finally:
                 tuning.defaults = base
+                A.SPLIT_BWD = False
                 A._problems.clear()
             rec["configs"][spec] = ms
             if ms is not None:

@@ -43,6 +43,36 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def _rms(t) -> float:
+    return float(t.detach().to(F64).pow(2).mean().sqrt())
+
+
+def grads_close(names, ga, gb, gc, tol: float, skip=()) -> None:
+    """Kernel gradients ``ga`` vs the float64 reference's ``gb``; ``gc``: the reference's own gradients computed in
+    the kernel's dtype.
+
+    A gradient passes with ``‖a − b‖ ≤ 2·tol·‖b‖``, or with an error no larger than twice the low-precision
+    reference's own ``‖c − b‖`` (FlashAttention's test criterion), or, for dq / dk / dv, with ``‖a − b‖ ≤
+    2·tol·RMS(dv_ref)·sqrt(numel)``: an error at the call's gradient scale. The last covers gradients whose terms
+    cancel: a row that sees one key has ``dq = scale·p·(dP − delta)·k = 0`` exactly, while the kernel's delta
+    comes from the rounded output (FlashAttention-2's ``delta = Σ dO·O``), so it leaves a residue of the output's
+    rounding there. With random inputs dq and dk are several times dv's RMS wherever rows see several keys, so
+    the last bound only matters where the reference gradient itself is small. Names in ``skip`` are checked by
+    the caller."""
+    scale = {n: _rms(b) for n, b in zip(names, gb) if b is not None}.get("dv", 0.0)
+    for name, a, b, c in zip(names, ga, gb, gc):
+        if name in skip or b is None:
+            continue
+        assert a is not None and torch.isfinite(a).all(), name
+        err = float((a.detach().to(F64) - b).norm())
+        bound = 2 * tol * float(b.norm())
+        low = float((c.detach().to(F64) - b).norm()) if c is not None else 0.0
+        floor = 2 * tol * scale * b.numel() ** 0.5 if name in ("dq", "dk", "dv") else 0.0
+        assert err <= max(bound, 2 * low, floor), (
+            f"{name} error {err:.3e} > max(2·tol·‖ref‖ {bound:.3e}, 2·low-precision ref {2 * low:.3e}, "
+            f"gradient-scale floor {floor:.3e}); rel err {err / max(float(b.norm()), 1e-30):.2e}")
+
+
 def _params(*mods):
     out = []
     for m in mods:
@@ -81,11 +111,10 @@ def check(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, *, grad=True, **kw):
     g = torch.randn_like(ro)
     ga = torch.autograd.grad((out * g.to(dtype)).sum(), xs + params, allow_unused=True)
     gb = torch.autograd.grad((ro * g).sum(), rs + params, allow_unused=True)
-    for name, a, b in zip(["dq", "dk", "dv"] + [f"param{i}" for i in range(len(params))], ga, gb):
-        if b is None or float(b.norm()) == 0:
-            continue
-        assert a is not None and torch.isfinite(a).all(), name
-        assert rel(a, b) <= 2 * tol, f"{name} rel err {rel(a, b):.2e} > {2 * tol}"
+    ys = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = attnkit.attention(*ys, backend="reference", form="materialized", **kw)
+    gc = torch.autograd.grad((low * g.to(dtype)).sum(), ys + params, allow_unused=True)
+    grads_close(["dq", "dk", "dv"] + [f"param{i}" for i in range(len(params))], ga, gb, gc, tol)
 
 
 PATTERNS = {
@@ -204,7 +233,8 @@ def test_repeated_calls_launch_the_compiled_kernel_directly():
         check(B, H, 2, L, L, D, D, torch.bfloat16, mask=mask, score_mod=sm)
     pb = [p for p in KA._problems.values() if (p.B, p.Hq, p.Hkv, p.Lq, p.D, p.dtype) == (B, H, 2, L, D, torch.bfloat16)
           and p.mods.packed][-1]
-    assert pb.phases["fwd"].compiled and pb.phases["dkdv"].compiled and pb.phases[("dq", False, 1)].compiled
+    bwd = [pb.phases["dkdv"], pb.phases[("dq", False, 1)]] if pb.split_bwd else [pb.phases[("bwd", False, 1)]]
+    assert pb.phases["fwd"].compiled and all(ph.compiled for ph in bwd)
     for _ in range(2):
         big = [torch.randn(B, L, h, D + 8, device=DEV, dtype=torch.bfloat16) for h in (H, 2, 2)]
         _check_views(*(t[..., :D] for t in big), mask=mask, score_mod=sm)  # strided, aligned
@@ -287,8 +317,9 @@ def _lam(kind: str, H: int, dtype: torch.dtype):
     return (0.2 + 0.6 * torch.rand(H, device=DEV, dtype=dtype)).requires_grad_()
 
 
-def _diff_grads(out, ro, o2, xs, rs, names):
-    """Compare the gradients of <out, g> (inputs ``xs``) with those of <ro, g> (float64 inputs ``rs``).
+def _diff_grads(out, ro, o2, xs, rs, names, low):
+    """Compare the gradients of <out, g> (inputs ``xs``) with those of <ro, g> (float64 inputs ``rs``) by
+    :func:`grads_close`; ``low(ys)``: the reference output in the kernel's dtype from copies ``ys`` of ``xs``.
 
     dλ_h = −<g_h, O2_h> is one dot product per head whose terms cancel: its error is bounded by ‖g‖·‖δO2‖
     (Cauchy–Schwarz), so it is measured relative to ‖g‖·‖O2‖, not to its own size."""
@@ -296,15 +327,14 @@ def _diff_grads(out, ro, o2, xs, rs, names):
     g = torch.randn_like(ro)
     ga = torch.autograd.grad((out * g.to(out.dtype)).sum(), xs, allow_unused=True)
     gb = torch.autograd.grad((ro * g).sum(), rs, allow_unused=True)
-    for name, a, b in zip(names, ga, gb):
-        if b is None or float(b.norm()) == 0:
-            assert a is None or not a.any(), f"{name}: nonzero gradient where the reference has none"
-            continue
-        assert a is not None and torch.isfinite(a).all(), name
-        err = rel(a, b)
-        if name == "dlam":
-            err = float((a.detach().to(F64) - b).norm() / (g.norm() * o2.norm()))
-        assert err <= 2 * tol, f"{name} rel err {err:.2e} > {2 * tol}"
+    ys = [t.detach().clone().requires_grad_() if i < 3 or n == "dlam" else t for i, (t, n) in enumerate(zip(xs, names))]
+    lo = low(ys)
+    gc = torch.autograd.grad((lo * g.to(lo.dtype)).sum(), ys, allow_unused=True)
+    grads_close(names, ga, gb, gc, tol, skip=("dlam",))
+    if "dlam" in names:
+        a, b = ga[names.index("dlam")], gb[names.index("dlam")]
+        err = float((a.detach().to(F64) - b).norm() / (g.norm() * o2.norm()))
+        assert err <= 2 * tol, f"dlam rel err {err:.2e} > {2 * tol}"
 
 
 def check_differential(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, *, lam="per-head", lam_dtype=torch.float32, grad=True,
@@ -328,8 +358,9 @@ def check_differential(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, *, lam="per-head", lam_
     assert rel(out, ro) <= tol, f"out rel err {rel(out, ro):.2e} > {tol}"
     if grad:
         lams = ([lx], [lr], ["dlam"]) if torch.is_tensor(lx) else ([], [], [])
-        _diff_grads(out, ro, o2, xs + lams[0] + params, rs + lams[1] + params,
-                    ["dq", "dk", "dv"] + lams[2] + [f"param{i}" for i in range(len(params))])
+        names = ["dq", "dk", "dv"] + lams[2] + [f"param{i}" for i in range(len(params))]
+        _diff_grads(out, ro, o2, xs + lams[0] + params, rs + lams[1] + params, names,
+                    lambda ys: _diff_ref(*ys[:3], ys[3] if lams[0] else lx, **kw)[0])
 
 
 def _diff_patterns(L: int) -> dict:
@@ -414,7 +445,8 @@ def test_differential_strided_bthd_views():
     ro, o2 = _diff_ref(*(t.transpose(1, 2) for t in rs), lr, mask=M.causal)
     ro = ro.transpose(1, 2)
     assert rel(out, ro) <= TOL[torch.bfloat16]
-    _diff_grads(out, ro, o2, xs + [lx], rs + [lr], ["dq", "dk", "dv", "dlam"])
+    _diff_grads(out, ro, o2, xs + [lx], rs + [lr], ["dq", "dk", "dv", "dlam"],
+                lambda ys: _diff_ref(*(t.transpose(1, 2) for t in ys[:3]), ys[3], mask=M.causal)[0].transpose(1, 2))
 
 
 def test_differential_deterministic_backward():

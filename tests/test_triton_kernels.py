@@ -366,7 +366,7 @@ def test_direct_launch_protocol(monkeypatch):
 
     interpreting = KA.tuning.interpreting
     monkeypatch.setattr(KA.tuning, "interpreting", lambda: False)
-    ph = KA.Phase(Jit(), KA.tuning.Config(16, 16, 4, 2), (3, 2, 1), dict(B=7, A=5), None)
+    ph = KA.Phase(Jit(), KA.tuning.Config(16, 16, 4, 2), (3, 2, 1), dict(B=7, A=5), ())
     ph.launch(("s",), (1, 2))
     ph.launch(("s",), (3, 4))
     ph.launch(("t",), (5, 6))
@@ -379,6 +379,44 @@ def test_direct_launch_protocol(monkeypatch):
     out.backward(torch.ones_like(out))
     pb = KA.problem(q, k, v, M.causal, None, N.softmax(), 0.25, True)
     assert pb.phases and all(len(ph.grid) == 3 for ph in pb.phases.values()), "compiled kernels read grid[2]"
+
+
+@pytest.mark.parametrize("case", ["gqa_relbias", "document_learnable", "differential"])
+def test_one_backward_launch_matches_two(case, monkeypatch):
+    """dK/dV and dQ programs in one launch (the default) give bit-identical gradients to two launches: the same
+    programs, only scheduled together; learnable-parameter partial sums included."""
+    H, Hkv = 4, 2
+    slopes = torch.rand(H, dtype=F64).add_(0.5).requires_grad_()
+    q, k, v = _qkv(2, H, Hkv, 21, 37, 16, 24)
+    lam = torch.rand(H, dtype=F64, requires_grad=True)
+    if case == "gqa_relbias":
+        rb = S.relative_bias(H, num_buckets=8, max_distance=16)
+        kw, params = dict(mask=M.causal, score_mod=[rb]), _params(rb)
+    elif case == "document_learnable":
+        ids = torch.randint(0, 3, (37,)).sort().values
+        kw, params = dict(mask=M.document(ids) & M.sliding_window(9), score_mod=[S.alibi(slopes)]), [slopes]
+    else:
+        q, k, v = _qkv(2, H, Hkv, 21, 37, 32, 24)  # two maps of head dim 16
+        kw, params = dict(mask=M.causal), [lam]
+    inputs = [q, k, v] + params
+    seen = []
+    for split in (False, True):
+        monkeypatch.setattr(KA, "SPLIT_BWD", split)
+        KA._problems.clear()
+        if case == "differential":
+            from attnkit.variants.differential import differential_attention
+            out = differential_attention(q, k, v, lam, backend="triton", **kw)
+        else:
+            out = attnkit.attention(q, k, v, backend="triton", **kw)
+        g = torch.randn_like(out, generator=torch.Generator().manual_seed(3))
+        seen.append((out, torch.autograd.grad((out * g).sum(), inputs)))
+        pb = list(KA._problems.values())[-1]
+        assert ("dkdv" in pb.phases) == split and any(isinstance(k, tuple) and k[0] == "bwd" for k in pb.phases) \
+            != split
+    (o1, g1), (o2, g2) = seen
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
 
 
 def test_gradcheck_float64():

@@ -13,7 +13,7 @@ The host does little per call and never waits for the GPU:
   re-read on every call with device-side copies; numbers and small CPU tensors are part of the cache
   key and copied to the device once.
 
-One forward launch; three backward launches (delta, dK/dV, dQ). Differential attention (``diff``) runs
+One forward launch; two backward launches (delta, then dK/dV and dQ in one grid). Differential attention (``diff``) runs
 both of its maps in the same launches (:func:`differential`).
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ from .triton.mods import identity_mod
 #: fill outputs with NaN before the kernels write them (tests set this to catch unwritten elements)
 POISON = os.environ.get("ATTNKIT_POISON", "0") == "1"
 LN2 = math.log(2.0)
+#: run dK/dV and dQ as two launches even where one would do (A/B timing, tests)
+SPLIT_BWD = os.environ.get("ATTNKIT_SPLIT_BWD", "0") == "1"
 #: cached Problems (LRU)
 MAX_PROBLEMS = 256
 
@@ -74,13 +76,13 @@ def _changes(t) -> bool:
 
 
 class Phase:
-    """One kernel launch of a Problem: its configuration, block lists, grid and constexpr switches.
+    """One kernel launch of a Problem: its configuration, block-list arguments, grid and constexpr switches.
 
     The first launch of each specialization ``sig`` goes through Triton's JIT (compile or cache lookup);
     later ones call the compiled kernel with all arguments in signature order.
     """
 
-    def __init__(self, kernel, cfg: tuning.Config, grid: Tuple[int, int, int], cx: dict, lists: Optional[P.Lists]):
+    def __init__(self, kernel, cfg: tuning.Config, grid: Tuple[int, int, int], cx: dict, lists: tuple):
         self.kernel, self.cfg, self.grid, self.cx, self.lists = kernel, cfg, grid, cx, lists
         self.compiled: Dict[tuple, object] = {}
         self.tail: Optional[tuple] = None
@@ -144,6 +146,7 @@ class Problem:
                     mp.maskd if mp.maskd is not None else dummy_i, *bm)
         self._c1 = (float(self.norm.gamma), Hq, self.G, Lq, Lk, D, Dv, float(scale))
         self.phases: Dict[object, Phase] = {}
+        self.split_bwd: Optional[bool] = True if SPLIT_BWD else None  # None: not decided yet
 
     # -- parameter buffers ----------------------------------------------------------------------
     def _value(self, t) -> Tensor:
@@ -217,41 +220,62 @@ class Problem:
         return (self.device, self.D, self.Dv, self.dtype, self.mp.kind, norm, self.mods.packed != 0)
 
     # -- phases -----------------------------------------------------------------------------------
-    def _phase_parts(self, name: str, cfg: tuning.Config, extra: dict):
-        """(kernel, grid, constexprs, lists) of phase ``name`` ("fwd", "dkdv", "dq") at configuration ``cfg``."""
-        transpose = name == "dkdv"
-        lists = P.block_lists(self.mp, self.B, self.Hq, self.Lq, self.Lk, cfg.BM, cfg.BN, transpose, self.device)
-        if name == "fwd":
-            kernel, cx = attn_fwd, self.constexprs(False)
-            grid = (triton.cdiv(self.Lq, cfg.BM), self.B * self.Hq, 1)
-        elif name == "dkdv":
-            kernel, cx = attn_bwd, dict(self.constexprs(True), PHASE=0, PGRAD=False, NBP=1)
-            grid = (triton.cdiv(self.Lk, cfg.BN), self.B * self.Hkv, 1)
-        else:
-            kernel, cx = attn_bwd, dict(self.constexprs(True), PHASE=1, **extra)
-            grid = (triton.cdiv(self.Lq, cfg.BM), self.B * self.Hq, 1)
-        cx.update(BM=cfg.BM, BN=cfg.BN)
-        return kernel, grid, cx, lists
+    def _lists(self, cfg: tuning.Config, transpose: bool) -> tuple:
+        return P.block_lists(self.mp, self.B, self.Hq, self.Lq, self.Lk, cfg.BM, cfg.BN, transpose,
+                             self.device).args()
 
-    def phase(self, key, name: str, make_args: Callable[[P.Lists, tuple], tuple], extra: Optional[dict] = None,
+    def _phase_parts(self, name: str, cfg, extra: dict):
+        """``(kernel, grid, constexprs, list arguments)`` of phase ``name`` at configuration ``cfg``: "fwd",
+        "dkdv" or "dq" (one :class:`tuning.Config`), or "bwd" (dK/dV and dQ in one launch; ``cfg`` the pair)."""
+        if name == "fwd":
+            grid = (triton.cdiv(self.Lq, cfg.BM), self.B * self.Hq, 1)
+            return attn_fwd, grid, dict(self.constexprs(False), BM=cfg.BM, BN=cfg.BN), self._lists(cfg, False)
+        c1, c2 = cfg if name == "bwd" else (cfg if name == "dkdv" else None, cfg if name == "dq" else None)
+        nkv = triton.cdiv(self.Lk, c1.BN) if c1 else 0
+        nq = self.G * triton.cdiv(self.Lq, c2.BM) if c2 else 0
+        none = (self.dummy_i, self.dummy_i, 0, 0, 1)
+        largs = (self._lists(c1, True) if c1 else none) + (self._lists(c2, False) if c2 else none)
+        cx = dict(self.constexprs(True), PHASE={"dkdv": 0, "dq": 1, "bwd": 2}[name],
+                  BM1=c1.BM if c1 else 16, BN1=c1.BN if c1 else 16, BM2=c2.BM if c2 else 16,
+                  BN2=c2.BN if c2 else 16, PGRAD=False, NBP=1)
+        if c2:
+            cx.update(extra)
+        return attn_bwd, (nkv + nq, self.B * self.Hkv, 1), cx, largs
+
+    def _config(self, name: str, make_args, extra: dict):
+        def runner(cfg):
+            kernel, grid, cx, largs = self._phase_parts(name, cfg, extra)
+            args = make_args(largs, cx)
+            return lambda: kernel[grid](*args, **cx, num_warps=cfg.warps, num_stages=cfg.stages)
+        return tuning.config(name, *self._key(), runner)
+
+    def phase(self, key, name: str, make_args: Callable[[tuple, dict], tuple], extra: Optional[dict] = None,
               ) -> Phase:
         """The Phase ``key`` of kernel phase ``name``: tuned (or looked up) on first use, then cached.
 
-        ``make_args(lists, grid)`` returns the launch's runtime arguments (used by autotuning)."""
+        ``make_args(list arguments, constexprs)`` returns the launch's runtime arguments (used by autotuning).
+        "bwd" takes the choices of "dkdv" and "dq" (each tuned on its own)."""
         ph = self.phases.get(key)
         if ph is not None:
             return ph
         extra = extra or {}
-
-        def runner(cfg):
-            kernel, grid, cx, lists = self._phase_parts(name, cfg, extra)
-            args = make_args(lists, grid)
-            return lambda: kernel[grid](*args, **cx, num_warps=cfg.warps, num_stages=cfg.stages)
-
-        cfg = tuning.config(name, *self._key(), runner)
-        kernel, grid, cx, lists = self._phase_parts(name, cfg, extra)
-        ph = self.phases[key] = Phase(kernel, cfg, grid, cx, lists)
+        if name == "bwd":
+            cfg = (self._config("dkdv", make_args, {}), self._config("dq", make_args, extra))
+        else:
+            cfg = self._config(name, make_args, extra)
+        kernel, grid, cx, largs = self._phase_parts(name, cfg, extra)
+        ph = self.phases[key] = Phase(kernel, cfg[0] if name == "bwd" else cfg, grid, cx, largs)
         return ph
+
+    def split_backward(self, make_args, extra: dict) -> bool:
+        """Whether dK/dV and dQ run as two launches: only when their tile choices need different warps or
+        pipeline stages (a launch has one of each), when forced (``ATTNKIT_SPLIT_BWD=1``), or after the
+        one-launch build ran out of resources."""
+        if self.split_bwd is None:
+            c1 = self._config("dkdv", make_args, {})
+            c2 = self._config("dq", make_args, extra)
+            self.split_bwd = (c1.warps, c1.stages) != (c2.warps, c2.stages)
+        return self.split_bwd
 
     def run(self, key, name: str, sig: tuple, make_args, extra: Optional[dict] = None) -> Phase:
         """Launch phase ``key``; on an out-of-resources compile step down (fewer stages, then smaller
@@ -260,15 +284,15 @@ class Problem:
         ph = self.phase(key, name, make_args, extra)
         while True:
             try:
-                ph.launch(sig, make_args(ph.lists, ph.grid))
+                ph.launch(sig, make_args(ph.lists, ph.cx))
                 return ph
             except OutOfResources:
                 cfg = _smaller(ph.cfg)
-                if cfg is None:
+                if cfg is None or name == "bwd":
                     raise
                 tuning.remember(name, *self._key(), cfg)
-                kernel, grid, cx, lists = self._phase_parts(name, cfg, extra or {})
-                ph = self.phases[key] = Phase(kernel, cfg, grid, cx, lists)
+                kernel, grid, cx, largs = self._phase_parts(name, cfg, extra or {})
+                ph = self.phases[key] = Phase(kernel, cfg, grid, cx, largs)
 
 
 def _smaller(cfg: tuning.Config) -> Optional[tuning.Config]:
@@ -297,7 +321,7 @@ def forward(pb: Problem, bufs, q: Tensor, k: Tensor, v: Tensor, lam: Tensor):
     head = (q, k, v, out, lse, osoft, *q.stride(), *k.stride(), *v.stride())
     tail = pb.common(bufs, lam)
     sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, _aligned(q, k, v, lam, *bufs))
-    pb.run("fwd", "fwd", sig, lambda lists, grid: head + lists.args() + tail)
+    pb.run("fwd", "fwd", sig, lambda largs, cx: head + largs + tail)
     if pb.norm.softmax and not pb.diff:
         lse = lse[0]
     return out, (lse if pb.norm.softmax else None), (osoft if has_os else None)
@@ -313,7 +337,7 @@ def backward(pb: Problem, bufs, q, k, v, lam, out, lse, osoft, dout, dlse, want_
         if ph is None:
             ph = pb.phases[("pre", dlse is not None)] = Phase(
                 attn_bwd_pre, tuning.Config(64, 64, 4, 3), (triton.cdiv(Lq, 64), B * Hq, 1),
-                dict(HAS_DLSE=dlse is not None, DIFF=pb.diff, ACC=pb.acc_tl, BM=64, BDV=_pow2(Dv)), None)
+                dict(HAS_DLSE=dlse is not None, DIFF=pb.diff, ACC=pb.acc_tl, BM=64, BDV=_pow2(Dv)), ())
         o_used = osoft if pb.norm.gamma > 0 else out
         ph.launch((dout.stride(), dout.dtype, _aligned(dout, lam, *([dlse] if dlse is not None else []))),
                   (o_used, osoft if pb.diff else pb.dummy_f, dout, dlse if dlse is not None else pb.dummy_f, delta,
@@ -333,18 +357,27 @@ def backward(pb: Problem, bufs, q, k, v, lam, out, lse, osoft, dout, dlse, want_
            _aligned(q, k, v, dout, lam, *bufs))
     tail = pb.common(bufs, lam)
     d = pb.dummy_f
-    pb.run("dkdv", "dkdv", sig, lambda lists, grid: (q, k, v, dout, lse, delta, d, dk, dv, d, d) + strides
-           + lists.args() + tail)
     holder = {}
 
-    def dq_args(lists, grid):
-        nprog = grid[0]
-        part = torch.empty(B * Hq * nprog * 8, dtype=pb.acc_t, device=dev) if pgrad else d
-        rbpart = torch.empty(B * Hq * nprog * nbp, dtype=pb.acc_t, device=dev) if nbp > 1 else d
-        holder.update(part=part, rbpart=rbpart, nprog=nprog)
-        return (q, k, v, dout, lse, delta, dq, d, d, part, rbpart) + strides + lists.args() + tail
+    def bwd_args(largs, cx):
+        nq = triton.cdiv(Lq, cx["BM2"])
+        dq_programs = cx["PHASE"] != 0
+        part = torch.empty(B * Hq * nq * 8, dtype=pb.acc_t, device=dev) if pgrad and dq_programs else d
+        rbpart = torch.empty(B * Hq * nq * nbp, dtype=pb.acc_t, device=dev) if nbp > 1 and dq_programs else d
+        if dq_programs:
+            holder.update(part=part, rbpart=rbpart, nprog=nq)
+        return (q, k, v, dout, lse, delta, dq, dk, dv, part, rbpart) + strides + largs + tail
 
-    pb.run(("dq", pgrad, nbp), "dq", sig, dq_args, dict(PGRAD=pgrad, NBP=nbp))
+    extra = dict(PGRAD=pgrad, NBP=nbp)
+    if not pb.split_backward(bwd_args, extra):
+        from triton.runtime.errors import OutOfResources
+        try:
+            pb.run(("bwd", pgrad, nbp), "bwd", sig, bwd_args, extra)
+        except OutOfResources:
+            pb.split_bwd = True
+    if pb.split_bwd:
+        pb.run("dkdv", "dkdv", sig, bwd_args)
+        pb.run(("dq", pgrad, nbp), "dq", sig, bwd_args, extra)
     part = holder["part"].view(B, Hq, holder["nprog"], 8) if pgrad else None
     rbpart = holder["rbpart"].view(B, Hq, holder["nprog"], nbp) if nbp > 1 else None
     return dq, dk, dv, part, rbpart, delta

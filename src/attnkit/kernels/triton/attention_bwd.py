@@ -2,12 +2,14 @@
 
 * :func:`attn_bwd_pre`: ``delta_i = (1 − γ)·Σ_d dO_id · O_id − dlse_i`` (``O`` is the softmax part for
   relaxed softmax).
-* :func:`attn_bwd` with ``PHASE = 0`` (dK/dV): one program per (key block, batch, KV head) accumulates
-  dK and dV in registers over the query heads of its group (GQA without repeating K/V) and the
-  non-empty query blocks of the transposed block map; tiles are computed transposed, ``[BN, BM]``.
-* :func:`attn_bwd` with ``PHASE = 1`` (dQ): one program per (query block, batch, query head)
-  accumulates dQ over its non-empty key blocks, and the per-program partial sums of learnable
-  score-mod / normalizer parameters (summed on the host in a fixed order: no atomics anywhere).
+* :func:`attn_bwd`, dK/dV programs: one per (key block, batch, KV head) accumulates dK and dV in
+  registers over the query heads of its group (GQA without repeating K/V) and the non-empty query blocks
+  of the transposed block map; tiles are computed transposed, ``[BN, BM]``.
+* :func:`attn_bwd`, dQ programs: one per (query block, batch, query head) accumulates dQ over its
+  non-empty key blocks, and the per-program partial sums of learnable score-mod / normalizer parameters
+  (summed on the host in a fixed order: no atomics anywhere).
+  Both kinds of program run in one launch (``PHASE = 2``, as FlexAttention's backward does), or each
+  in a launch of its own (``PHASE = 0`` / ``1``) when their tile choices need different warps or stages.
 
 Gradients, with ``s`` the score after the mods and ``g = dL/ds``:
 softmax family ``g = p ⊙ ((1 − γ)·dP − delta)``, ``p = exp(s − lse)``; elementwise ``g = dP ⊙ f'(s) / n``;
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_tile, mask_tile, mods_chain, nth_block,
-                   norm_weight, program_rows, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
+                   norm_weight, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
 
 
 @triton.jit
@@ -247,7 +249,8 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
              stride_dob, stride_doh, stride_dom, stride_dod,
-             LCNT, LIDX, ls_b, ls_h, NLIST,
+             LCNT1, LIDX1, ls1_b, ls1_h, NLIST1,
+             LCNT2, LIDX2, ls2_b, ls2_h, NLIST2,
              CNT, cs_b, cs_h, MASKP, MASKD, BITS, BLUT, bl_b, bl_h, NK128,
              MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
@@ -256,32 +259,42 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
              NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
              NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              PHASE: tl.constexpr, PGRAD: tl.constexpr, NBP: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-             EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
-    """``PHASE = 0``: grid ``(cdiv(Lk, BN), B * HKV)``, dK/dV of one key block summed over the G query heads of
-    its group. ``PHASE = 1``: grid ``(cdiv(Lq, BM), B * HQ)``, dQ of one query block; also writes
-    ``PART[pid_bh, i, 0:8]`` / ``RBPART[pid_bh, i, :]`` (``PGRAD``). ``DIFF``: both maps of differential
-    attention (see ``attn_fwd``); dQ and dK rows hold ``2·D`` values (map 1's gradient, then map 2's)."""
+             BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
+             BD: tl.constexpr, BDV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
+    """dK/dV programs (one per key block of ``BN1`` keys and KV head, ``BM1`` query rows a step, lists 1:
+    the transposed block lists) and dQ programs (one per query block of ``BM2`` rows and query head, ``BN2`` keys
+    a step, lists 2). Grid ``(n, B·HKV)``: ``PHASE = 0`` dK/dV only, ``n = cdiv(Lk, BN1)``; ``PHASE = 1`` dQ
+    only, ``n = G·cdiv(Lq, BM2)``; ``PHASE = 2`` both in one launch, ``n = cdiv(Lk, BN1) + G·cdiv(Lq, BM2)``
+    (dK/dV programs first). dQ programs also write ``PART[b·HQ + h, i, 0:8]`` / ``RBPART[b·HQ + h, i, :]``
+    (``PGRAD``). ``DIFF``: both maps of differential attention (see ``attn_fwd``); dQ and dK rows hold ``2·D``
+    values (map 1's gradient, then map 2's)."""
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     DQK = D  # row length of dQ and dK
     if DIFF:
         DQK = 2 * D
-    if PHASE == 0:
-        j = tl.program_id(0)
-        pid = tl.program_id(1)
-        HKV = HQ // G
-        b = pid // HKV
-        hk = pid % HKV
-        NROWS = (tl.num_programs(1) * G).to(tl.int64) * Lq  # B·HQ·Lq: map 2's lse and delta follow map 1's
-        kpos = j * BN + tl.arange(0, BN)
+    pid0 = tl.program_id(0)
+    pid = tl.program_id(1)
+    HKV = HQ // G
+    b = pid // HKV
+    hk = pid % HKV
+    NROWS = (tl.num_programs(1) * G).to(tl.int64) * Lq  # B·HQ·Lq: map 2's lse and delta follow map 1's
+    NKV = 0
+    if PHASE != 1:
+        NKV = tl.cdiv(Lk, BN1)
+    is_kv = PHASE == 0
+    if PHASE == 2:
+        is_kv = pid0 < NKV
+    if is_kv:
+        j = pid0
+        kpos = j * BN1 + tl.arange(0, BN1)
         k = load_rows(K, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
         v = load_rows(V, b, hk, kpos, offs_dv, stride_vb, stride_vh, stride_vn, stride_vd, Lk, DV)
-        dk = tl.zeros([BN, BD], dtype=ACC)
-        dv = tl.zeros([BN, BDV], dtype=ACC)
+        dk = tl.zeros([BN1, BD], dtype=ACC)
+        dv = tl.zeros([BN1, BDV], dtype=ACC)
         if DIFF:
             k2 = load_rows(K + D * stride_kd, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
-            dk2 = tl.zeros([BN, BD], dtype=ACC)
+            dk2 = tl.zeros([BN1, BD], dtype=ACC)
         else:  # placeholders the compiler drops
             k2 = k
             dk2 = 0.0
@@ -297,18 +310,18 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
             dooff = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
             blut = BLUT + b * bl_b + h * bl_h
             cnt_base = b * cs_b + h * cs_h
-            lst = b * ls_b + h * ls_h + j
+            lst = b * ls1_b + h * ls1_h + j
             for part in tl.static_range(2):  # FULL query blocks, then PARTIAL ones
-                lrow = (2 * lst + part) * NLIST
-                i0 = tl.load(LIDX + lrow)
-                for t in range(tl.load(LCNT + 2 * lst + part)):
-                    i = nth_block(LIDX, lrow, t, i0, part == 0)
+                lrow = (2 * lst + part) * NLIST1
+                i0 = tl.load(LIDX1 + lrow)
+                for t in range(tl.load(LCNT1 + 2 * lst + part)):
+                    i = nth_block(LIDX1, lrow, t, i0, part == 0)
                     dk, dv, dk2 = _dkdv_block(
-                        dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, i * BM,
-                        j * BN, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
+                        dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, i * BM1,
+                        j * BN1, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
                         stride_dom, stride_dod, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
                         D, DV, scale, part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3,
-                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, NEED_COUNTS, FAST_TANH, ACC, DOT_PREC, BM,
+                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, NEED_COUNTS, FAST_TANH, ACC, DOT_PREC, BM1,
                         EVEN_D, EVEN_DV)
         col_ok = kpos < Lk
         base = pid.to(tl.int64) * Lk + kpos
@@ -320,55 +333,59 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
         tl.store(DV_ + base[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
                  mask=col_ok[:, None] & (offs_dv < DV)[None, :])
     else:
-        i, pid_bh, b, h, hk, offs_m = program_rows(HQ, G, BM)
-        q0 = i * BM
+        NQ = tl.cdiv(Lq, BM2)
+        r = pid0 - NKV
+        h = hk * G + r // NQ
+        i = NQ - 1 - r % NQ  # the longest causal rows start early
+        pid_bh = b * HQ + h
+        offs_m = i * BM2 + tl.arange(0, BM2)
+        q0 = i * BM2
         row_ok = offs_m < Lq
         qpos = offs_m + (Lk - Lq)
         q = load_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
         do = load_rows(DO, b, h, offs_m, offs_dv, stride_dob, stride_doh, stride_dom, stride_dod, Lq, DV)
         row = pid_bh.to(tl.int64) * Lq + offs_m
-        lse2, delta = row_softmax_stats(LSE, DELTA, row, row_ok, NORM, ACC, BM)
+        lse2, delta = row_softmax_stats(LSE, DELTA, row, row_ok, NORM, ACC, BM2)
         if DIFF:
-            NROWS = tl.num_programs(1).to(tl.int64) * Lq
             q2 = load_rows(Q + D * stride_qd, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
-            lse2b, deltab = row_softmax_stats(LSE + NROWS, DELTA + NROWS, row, row_ok, NORM, ACC, BM)
+            lse2b, deltab = row_softmax_stats(LSE + NROWS, DELTA + NROWS, row, row_ok, NORM, ACC, BM2)
             lam = tl.load(LAM + h).to(ACC)
-            dq2 = tl.zeros([BM, BD], dtype=ACC)
+            dq2 = tl.zeros([BM2, BD], dtype=ACC)
         else:  # placeholders the compiler drops
             q2 = q
             lse2b = lse2
             deltab = delta
             lam = 0.0
             dq2 = 0.0
-        logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, NEED_COUNTS, ACC, BM)
+        logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, NEED_COUNTS, ACC, BM2)
         nbias = 0.0
         if NORM != N_SOFTMAX:
             nbias = tl.load(NORMF + h).to(ACC)
         kbase = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         vbase = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         blut = BLUT + b * bl_b + h * bl_h
-        dq = tl.zeros([BM, BD], dtype=ACC)
+        dq = tl.zeros([BM2, BD], dtype=ACC)
         pacc = tl.zeros([8], dtype=ACC)
         rbacc = tl.zeros([NBP], dtype=ACC)
-        lst = b * ls_b + h * ls_h + i
+        lst = b * ls2_b + h * ls2_h + i
         for part in tl.static_range(2):  # FULL key blocks, then PARTIAL ones
-            lrow = (2 * lst + part) * NLIST
-            j0 = tl.load(LIDX + lrow)
-            for t in range(tl.load(LCNT + 2 * lst + part)):
-                j = nth_block(LIDX, lrow, t, j0, part == 0)
+            lrow = (2 * lst + part) * NLIST2
+            j0 = tl.load(LIDX2 + lrow)
+            for t in range(tl.load(LCNT2 + 2 * lst + part)):
+                j = nth_block(LIDX2, lrow, t, j0, part == 0)
                 dq, dq2, pacc, rbacc = _dq_block(
                     dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, logn, inv_n, kbase, vbase,
-                    j * BN, q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn,
+                    j * BN2, q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn,
                     stride_vd, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
                     part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1,
-                    DPW2, DPW3, NORM, RELAXED, DIFF, FAST_TANH, PGRAD, NBP, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV)
+                    DPW2, DPW3, NORM, RELAXED, DIFF, FAST_TANH, PGRAD, NBP, ACC, DOT_PREC, BN2, EVEN_D, EVEN_DV)
         dq_mask = row_ok[:, None] & (offs_d < D)[None, :]
         tl.store(DQ + row[:, None] * DQK + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
         if DIFF:
             tl.store(DQ + row[:, None] * DQK + D + offs_d[None, :], (dq2 * scale).to(DQ.dtype.element_ty),
                      mask=dq_mask)
         if PGRAD:
-            prog = pid_bh.to(tl.int64) * tl.num_programs(0) + i
+            prog = pid_bh.to(tl.int64) * NQ + i
             tl.store(PART + prog * 8 + tl.arange(0, 8), pacc)
             if NBP > 1:
                 tl.store(RBPART + prog * NBP + tl.arange(0, NBP), rbacc)

@@ -248,8 +248,10 @@ def host_overhead(args) -> None:
     """Host time per call where the GPU work is small (B = H = 1, T = 128, D = 64): the time to enqueue 100
     back-to-back calls (no synchronize in between; an idle GPU runs its tiny kernels at low clocks, so the time
     until the synchronize returns is reported too), median over 5 rounds; and whether one call synchronizes
-    the device (torch's sync debug mode set to raise)."""
+    the device (torch's sync debug mode set to raise). ``triton-python``: attnkit with its kernel launches left
+    out (the host time of its Python alone)."""
     import attnkit
+    from attnkit.kernels import attention as A
     from attnkit.kernels.peers import peers
     dev = torch.device("cuda")
     rows = []
@@ -257,11 +259,14 @@ def host_overhead(args) -> None:
         Lq, Lk, mask, score_mod = pattern(pat, 128 if pat != "sliding_window_1024" else 256)
         q, k, v = (torch.randn(1, 1, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for L in (Lq, Lk, Lk))
-        impls = {"triton": lambda: attnkit.attention(q, k, v, mask=mask, score_mod=score_mod, backend="triton")}
-        if pat == "causal":
-            pe = peers(q, k, v, mask=mask, score_mod=None, normalizer="softmax", scale=None)
-            impls.update({n: pe[n] for n in ("sdpa-cudnn", "sdpa-flash") if n in pe})
+        ours = lambda: attnkit.attention(q, k, v, mask=mask, score_mod=score_mod, backend="triton")  # noqa: E731
+        impls = {"triton": ours, "triton-python": ours}  # the latter with the kernel launches left out
+        pe = peers(q, k, v, mask=mask, score_mod=score_mod, normalizer="softmax", scale=None)
+        impls.update({n: pe[n] for n in ("sdpa-cudnn", "sdpa-flash", "flex") if n in pe})
         for name, fn in impls.items():
+            launch = A.Phase.launch
+            if name == "triton-python":
+                A.Phase.launch = lambda self, sig, args: None
             for mode, step in zip(("fwd", "fwd+bwd"), make_steps(fn, [q, k, v])):
                 for _ in range(20):
                     step()
@@ -289,6 +294,7 @@ def host_overhead(args) -> None:
                                  syncs=syncs))
                 print(f"host {pat:20s} {name:12s} {mode:8s} {us:8.1f} us/call on the host (enqueue), {tot:8.1f} with "
                       f"the GPU; device sync in call: {syncs}", flush=True)
+            A.Phase.launch = launch
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"host-overhead{args.suffix}.json"), "w") as f:
         json.dump({"environment": environment(dev), "rows": rows}, f, indent=1)

@@ -170,7 +170,10 @@ def as_normalizer(n) -> Normalizer:
         return n
     if isinstance(n, str):
         if n in _NAMED:  # parameter-free: one shared instance per name (no per-call module construction)
-            return _SHARED.setdefault(n, _NAMED[n]())
+            inst = _SHARED.get(n)
+            if inst is None:
+                inst = _SHARED[n] = _NAMED[n]()
+            return inst
         if n in ("softmax_sink", "relaxed"):
             raise ValueError(f"normalizer {n!r} needs parameters: use attnkit.normalizers.{n}(...)")
         raise ValueError(f"unknown normalizer {n!r}; expected one of {sorted(_NAMED)} "

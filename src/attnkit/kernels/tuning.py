@@ -104,7 +104,9 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, norm: str = "softm
     the H100 (notes/kernels.md, v4). Differential attention (``norm="differential"``, ``D`` = one map's
     head dim) carries two accumulators: smaller tiles keep it free of spills on sm_90. A sliding-window
     forward at head dims 65-128 runs 64×64 tiles (two programs per SM, half the masked waste on the
-    band's edges): 7-11 % faster than 128×128 at T = 1k-4k, D = 128 on the H100 (notes/kernels.md, v5 sweep)."""
+    band's edges): 7-11 % faster than 128×128 at T = 1k-4k, D = 128 on the H100 (notes/kernels.md, v5 sweep);
+    at D ≤ 64 its backward also runs 64×64 tiles with 4 warps (13-16 % faster at T = 4k-16k, v6 sweep), and a
+    document mask's forward 64×128 tiles with 4 warps (short rows; v6 sweep)."""
     if interpreting():
         return {"fwd": Config(32, 16), "dkdv": Config(16, 32), "dq": Config(32, 16)}[phase]
     d = max(_pow2(D), _pow2(Dv))
@@ -112,15 +114,20 @@ def defaults(phase: str, D: int, Dv: int, dtype: torch.dtype, norm: str = "softm
         return {"fwd": Config(64, 32, 4, 2), "dkdv": Config(32, 64, 4, 2), "dq": Config(64, 32, 4, 2)}[phase]
     if norm == "differential" and d <= 128:
         return {"fwd": Config(128, 64, 8, 3), "dkdv": Config(32, 128, 8, 3), "dq": Config(128, 64, 8, 3)}[phase]
+    window = "sliding_window" in mask_kind and norm == "softmax"
     if phase == "fwd":
-        if "sliding_window" in mask_kind and norm == "softmax" and 64 < d <= 128:
+        if window and d <= 128:
             return Config(64, 64, 4, 3)
+        if "document" in mask_kind and norm == "softmax" and d <= 64:
+            return Config(64, 128, 4, 3)
         if d <= 64:
             return Config(128, 128, 4, 3)
         if d <= 128:
             return Config(128, 128, 8, 3)  # autotuned on H100 (bf16, T = 16k): beats (128, 64, 8, 3)
         return Config(64, 32, 4, 3)
     if d <= 64:
+        if window:
+            return Config(64, 64, 4, 3)
         return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)
     if d <= 128:
         return Config(64, 128, 8, 3) if phase == "dkdv" else Config(128, 64, 8, 3)

@@ -1,4 +1,5 @@
-"""Cross-form checks behind ``attnkit check``: every form of a variant against its float64 reference form,
+"""Cross-form checks behind ``attnkit check``: every form of a variant against its float64 reference form
+(run on the inputs as rounded to the dtype checked, so errors measure the computation, not the inputs),
 on fresh random inputs, outputs and gradients (w.r.t. every floating input and learnable parameter)."""
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def check_variant(variant: Variant, *, device="cpu", dtype=torch.float32, patter
                                  note=variant.unsupported(spec, variant.reference_form)))
             continue
         base = variant.make_inputs(spec)
-        ref_inputs = _cast(base, torch.float64)
-        ref_out, ref_grads = None, None
+        refs: Dict[torch.dtype, Any] = {}  # float64 reference of the inputs as rounded to each dtype
+        cot = None
         for form in variant.forms:
             reason = variant.unsupported(spec, form)
             if reason:
@@ -92,10 +93,15 @@ def check_variant(variant: Variant, *, device="cpu", dtype=torch.float32, patter
                     row = CheckRow(variant.name, pat, form, backend, str(dt).replace("torch.", ""),
                                    tol=TOLERANCE[dt])
                     try:
-                        if ref_out is None:
-                            cot = torch.randn_like(first(variant.fn(**ref_inputs, form=variant.reference_form,
-                                                                    backend="reference")))
-                            ref_out, ref_grads = _run(variant, ref_inputs, variant.reference_form, "reference", cot)
+                        if dt not in refs:
+                            # the reference sees the inputs after rounding to dt: errors measure the computation,
+                            # not the rounding of the inputs every implementation shares (ReLU's kink at 0, ...)
+                            ref_inputs = _cast(_cast(base, dt), torch.float64)
+                            if cot is None:
+                                cot = torch.randn_like(first(variant.fn(**ref_inputs, form=variant.reference_form,
+                                                                        backend="reference")))
+                            refs[dt] = _run(variant, ref_inputs, variant.reference_form, "reference", cot)
+                        ref_out, ref_grads = refs[dt]
                         with streaming_blocks(8, 16):  # several tiles, none dividing T
                             out, grads = _run(variant, _cast(base, dt), form, backend, cot)
                         row.out_err = rel_err(out, ref_out)

@@ -458,6 +458,36 @@ def test_triton_refuses_backward_without_derivative():
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
 
 
+def test_learnable_parameter_with_frozen_qkv():
+    """Only a score-mod parameter needs a gradient (q, k, v frozen): the call is planned for gradients, so a
+    pointwise mod without its derivative is refused instead of giving a silently wrong parameter gradient, and
+    the parameter's gradient matches the reference."""
+    q, k, v = (t.detach() for t in _qkv(1, 4, 2, 21, 21, 16, 16))
+    slopes = torch.rand(4, dtype=F64).add_(0.5).requires_grad_()
+    with pytest.raises(ValueError, match="derivative"):
+        attnkit.attention(q, k, v, mask=M.causal, backend="triton",
+                          score_mod=[S.alibi(slopes), S.pointwise(_wave_torch, triton_fn=_wave)])
+    got, want = (torch.autograd.grad(attnkit.attention(q, k, v, mask=M.causal, score_mod=S.alibi(slopes),
+                                                       backend=be).square().sum(), slopes)[0]
+                 for be in ("triton", "reference"))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def test_parameter_unfrozen_after_a_first_call():
+    """A relative-bias table frozen at the first call and unfrozen later gets its gradient (the cached plan of the
+    frozen call is not reused for it)."""
+    q, k, v = _qkv(1, 2, 2, 20, 20, 16, 16)
+    rb = S.relative_bias(2, num_buckets=8, max_distance=16).double()
+    rb.requires_grad_(False)
+    attnkit.attention(q, k, v, mask=M.causal, score_mod=rb, backend="triton")
+    rb.requires_grad_(True)
+    grads = []
+    for be in ("triton", "reference"):
+        out = attnkit.attention(q, k, v, mask=M.causal, score_mod=rb, backend=be)
+        grads.append(torch.autograd.grad(out.square().sum(), list(rb.parameters()))[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-9)
+
+
 def test_kernels_run_contract_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(kernels.tuning, "interpreting", lambda: False)
     q, k, v = _qkv(1, 2, 2, 9, 9, 16, 16)

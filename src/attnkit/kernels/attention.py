@@ -13,8 +13,8 @@ The host does little per call and never waits for the GPU:
   re-read on every call with device-side copies; numbers and small CPU tensors are part of the cache
   key and copied to the device once.
 
-One forward launch; two backward launches (delta, then dK/dV and dQ in one grid). Differential attention (``diff``) runs
-both of its maps in the same launches (:func:`differential`).
+One forward launch; two backward launches (delta, then dK/dV and dQ in one grid; three where they run apart).
+Differential attention (``diff``) runs both of its maps in the same launches (:func:`differential`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from ..masks import Geometry
 from . import plan as P
@@ -112,6 +113,7 @@ class Problem:
         self.B, self.Hq, self.Hkv, self.Lq, self.Lk, self.D, self.Dv = B, Hq, Hkv, Lq, Lk, D, Dv
         self.scale, self.dtype, self.device = scale, dtype, device
         self.diff = diff  # differential attention: q / k hold two maps of head dim D each
+        self.need_grad = need_grad
         self.mp = P.mask_plan(mask, B, device)
         self.mods = P.mod_plan(score_mod, Hq, need_grad)
         self.norm = P.norm_plan(normalizer, Lk)
@@ -279,8 +281,8 @@ class Problem:
 
     def run(self, key, name: str, sig: tuple, make_args, extra: Optional[dict] = None) -> Phase:
         """Launch phase ``key``; on an out-of-resources compile step down (fewer stages, then smaller
-        blocks) and remember the working choice for the shape class."""
-        from triton.runtime.errors import OutOfResources
+        blocks) and remember the working choice for the shape class ("bwd" re-raises: :func:`backward` then runs
+        dK/dV and dQ as two launches)."""
         ph = self.phase(key, name, make_args, extra)
         while True:
             try:
@@ -370,7 +372,6 @@ def backward(pb: Problem, bufs, q, k, v, lam, out, lse, osoft, dout, dlse, want_
 
     extra = dict(PGRAD=pgrad, NBP=nbp)
     if not pb.split_backward(bwd_args, extra):
-        from triton.runtime.errors import OutOfResources
         try:
             pb.run(("bwd", pgrad, nbp), "bwd", sig, bwd_args, extra)
         except OutOfResources:
@@ -471,10 +472,14 @@ def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale:
     two maps of differential attention in the halves of their head dim."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if diff:
-        D //= 2
+    return _problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D // 2 if diff else D, Dv, scale, q.dtype,
+                    q.device, need_grad, diff)
+
+
+def _problem(mask, score_mod, normalizer, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
+             scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool) -> Problem:
     key = (_mask_key(mask), P.mods_key(score_mod), P.norm_key(normalizer), B, Hq, Hkv, Lq, Lk, D, Dv, scale,
-           q.dtype, q.device, need_grad, diff)
+           dtype, device, need_grad, diff)
     pb = _problems.get(key)
     if pb is not None:
         _problems.move_to_end(key)
@@ -483,7 +488,7 @@ def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale:
         score_mod.validate(Hq)
     normalizer.validate(Hq)
     mask.validate(Geometry(B, Hq, Lq, Lk))
-    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, q.dtype, q.device, need_grad, diff)
+    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, dtype, device, need_grad, diff)
     if diff and not (pb.norm.softmax and not pb.norm.has_sink and pb.norm.gamma == 0):
         raise P.Unsupported("differential attention with a normalizer other than plain softmax")
     with _problems_lock:
@@ -493,13 +498,22 @@ def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale:
     return pb
 
 
+def _grad_problem(pb: Problem) -> Problem:
+    """``pb``, or its twin built for gradients when only a learnable score-mod / normalizer parameter needs one
+    (q, k, v frozen): the gradient plan checks what the backward needs (e.g. a pointwise mod's derivative)."""
+    if pb.need_grad or not torch.is_grad_enabled() or not any(t.requires_grad for t in pb.learnable_tensors):
+        return pb
+    return _problem(*pb.keep, pb.B, pb.Hq, pb.Hkv, pb.Lq, pb.Lk, pb.D, pb.Dv, pb.scale, pb.dtype, pb.device, True,
+                    pb.diff)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale: float,
               need_grad: bool, want_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """Run the fused kernels on ``[B, H, L, D]`` tensors (views allowed); raises ``plan.Unsupported``.
 
     Returns ``(out, lse)`` with the natural-log lse for softmax-family normalizers when ``want_lse``."""
-    pb = problem(q, k, v, mask, score_mod, normalizer, scale, need_grad)
-    if need_grad or (torch.is_grad_enabled() and any(t.requires_grad for t in pb.learnable_tensors)):
+    pb = _grad_problem(problem(q, k, v, mask, score_mod, normalizer, scale, need_grad))
+    if pb.need_grad:
         out, lse2 = FusedAttention.apply(pb, q, k, v, pb.dummy_f, *pb.learnable_tensors)
     else:  # nothing to differentiate: skip the autograd Function's bookkeeping (host time per call)
         out, lse2, _ = forward(pb, pb.buffers(), q, k, v, pb.dummy_f)
@@ -515,7 +529,7 @@ def differential(q: Tensor, k: Tensor, v: Tensor, lam, mask, score_mod, scale: f
     float or a tensor of one value or ``[Hq]`` (differentiable). Both maps share each V tile and mask tile in
     the forward, and dV's pass in the backward; raises ``plan.Unsupported``."""
     from ..normalizers import as_normalizer
-    pb = problem(q, k, v, mask, score_mod, as_normalizer("softmax"), scale, need_grad, diff=True)
+    pb = _grad_problem(problem(q, k, v, mask, score_mod, as_normalizer("softmax"), scale, need_grad, diff=True))
     if isinstance(lam, Tensor):
         lam_h = lam.to(device=pb.device, dtype=pb.acc_t).reshape(-1).expand(pb.Hq).contiguous()
     else:

@@ -329,7 +329,7 @@ def value_key(t) -> Any:
         return None if t is None else ("f", float(t))
     if t.device.type == "cpu" and not t.requires_grad and t.numel() <= 256:
         return ("v", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
-    return ("t", id(t))
+    return ("t", id(t), t.requires_grad)  # a tensor unfrozen later gets a plan that differentiates it
 
 
 def mods_key(score_mod: Optional[ScoreMod]) -> Optional[Tuple]:
@@ -348,7 +348,8 @@ def mods_key(score_mod: Optional[ScoreMod]) -> Optional[Tuple]:
         elif kind == "temperature":
             out.append((kind, value_key(m.tau)))
         elif kind == "relative_bias":
-            out.append((kind, id(m), id(m.table), m.num_buckets, m.max_distance, m.bidirectional))
+            out.append((kind, id(m), id(m.table), m.table.requires_grad, m.num_buckets, m.max_distance,
+                        m.bidirectional))
         else:  # pointwise and anything else: the object itself
             out.append((kind, id(m)))
     return tuple(out)

@@ -25,6 +25,7 @@ from attnkit.kernels import attention as A  # noqa: E402
 from attnkit.kernels import tuning  # noqa: E402
 from attnkit.kernels.peers import peers  # noqa: E402
 
+SPLIT0 = A.SPLIT_BWD  # as set by ATTNKIT_SPLIT_BWD
 DEFAULT_CONFIGS = ["64,128,8,3/128,64,8,3", "64,128,8,2/128,64,8,2", "64,128,8,3/128,128,8,2",
                    "64,128,8,2/128,128,8,2", "32,128,8,3/128,64,8,3", "64,64,4,3/64,64,4,3"]
 
@@ -49,7 +50,7 @@ def force(spec: str) -> None:
     """Force ``dkdv/dq`` configurations; a trailing ``/split`` runs them as two launches (else one, where the
     warps and stages agree)."""
     parts = spec.split("/")
-    A.SPLIT_BWD = parts[-1] == "split"
+    A.SPLIT_BWD = parts[-1] == "split" or SPLIT0
     dkdv, dq = (tuning.Config(*(int(x) for x in s.split(","))) for s in parts[:2])
     base = tuning.defaults
 
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
                 print(f"{case} {spec}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             finally:
                 tuning.defaults = base
-                A.SPLIT_BWD = False
+                A.SPLIT_BWD = SPLIT0
                 A._problems.clear()
             rec["configs"][spec] = ms
             if ms is not None:

@@ -267,34 +267,36 @@ def host_overhead(args) -> None:
             launch = A.Phase.launch
             if name == "triton-python":
                 A.Phase.launch = lambda self, sig, args: None
-            for mode, step in zip(("fwd", "fwd+bwd"), make_steps(fn, [q, k, v])):
-                for _ in range(20):
-                    step()
-                torch.cuda.synchronize()
-                syncs = "no"
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    step()
-                except RuntimeError as e:
-                    syncs = f"yes: {str(e).splitlines()[0][:120]}"
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-                torch.cuda.synchronize()
-                host, total = [], []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(100):
+            try:
+                for mode, step in zip(("fwd", "fwd+bwd"), make_steps(fn, [q, k, v])):
+                    for _ in range(20):
                         step()
-                    t1 = time.perf_counter()
                     torch.cuda.synchronize()
-                    host.append((t1 - t0) / 100 * 1e6)
-                    total.append((time.perf_counter() - t0) / 100 * 1e6)
-                us, tot = sorted(host)[2], sorted(total)[2]
-                rows.append(dict(pattern=pat, impl=name, mode=mode, host_us_per_call=us, total_us_per_call=tot,
-                                 syncs=syncs))
-                print(f"host {pat:20s} {name:12s} {mode:8s} {us:8.1f} us/call on the host (enqueue), {tot:8.1f} with "
-                      f"the GPU; device sync in call: {syncs}", flush=True)
-            A.Phase.launch = launch
+                    syncs = "no"
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        step()
+                    except RuntimeError as e:
+                        syncs = f"yes: {str(e).splitlines()[0][:120]}"
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                    torch.cuda.synchronize()
+                    host, total = [], []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        for _ in range(100):
+                            step()
+                        t1 = time.perf_counter()
+                        torch.cuda.synchronize()
+                        host.append((t1 - t0) / 100 * 1e6)
+                        total.append((time.perf_counter() - t0) / 100 * 1e6)
+                    us, tot = sorted(host)[2], sorted(total)[2]
+                    rows.append(dict(pattern=pat, impl=name, mode=mode, host_us_per_call=us, total_us_per_call=tot,
+                                     syncs=syncs))
+                    print(f"host {pat:20s} {name:12s} {mode:8s} {us:8.1f} us/call on the host (enqueue), "
+                          f"{tot:8.1f} with the GPU; device sync in call: {syncs}", flush=True)
+            finally:
+                A.Phase.launch = launch
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"host-overhead{args.suffix}.json"), "w") as f:
         json.dump({"environment": environment(dev), "rows": rows}, f, indent=1)

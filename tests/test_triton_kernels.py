@@ -419,6 +419,34 @@ def test_one_backward_launch_matches_two(case, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("why", ["warps_differ", "out_of_resources"])
+def test_backward_falls_back_to_two_launches(why, monkeypatch):
+    """dK/dV and dQ run as two launches when their tile choices need different warps (one launch has one
+    count), or when the one-launch build runs out of resources; gradients stay exact either way."""
+    from triton.runtime.errors import OutOfResources
+    launched = []
+    launch = KA.Phase.launch
+
+    def spy(self, sig, args):
+        launched.append(self.cx.get("PHASE"))
+        if why == "out_of_resources" and self.cx.get("PHASE") == 2:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return launch(self, sig, args)
+
+    monkeypatch.setattr(KA.Phase, "launch", spy)
+    if why == "warps_differ":
+        base = KA.tuning.defaults
+        monkeypatch.setattr(KA.tuning, "defaults", lambda phase, *a: KA.tuning.Config(32, 16, 8, 2)
+                            if phase == "dq" else base(phase, *a))
+    KA._problems.clear()
+    slopes = torch.rand(4, dtype=F64).add_(0.5).requires_grad_()
+    q, k, v = _qkv(2, 4, 2, 21, 37, 16, 24)
+    compare(q, k, v, mask=M.causal, score_mod=S.alibi(slopes), params=[slopes])
+    pb = [p for p in KA._problems.values() if p.need_grad][-1]
+    assert pb.split_bwd and "dkdv" in pb.phases and 0 in launched and 1 in launched
+    assert (2 in launched) == (why == "out_of_resources")
+
+
 def test_gradcheck_float64():
     sink = torch.randn(2, dtype=F64, requires_grad=True)
     slopes = torch.rand(2, dtype=F64, requires_grad=True)

@@ -44,7 +44,7 @@ from typing import Callable, Dict, List  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from softmax_gpu import _f, cached_pattern, make_steps, rel_err, table, visible_pairs, warm  # noqa: E402
+from softmax_gpu import _f, cached_pattern, make_steps, merge_rows, rel_err, table, visible_pairs, warm  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.bench import environment, peak_memory, time_ms  # noqa: E402
@@ -314,18 +314,10 @@ def markdown(data: dict) -> str:
 def merge(paths: List[str], out: str, suffix: str) -> str:
     """Merge JSONs of one session (later files replace equal cells, an ok row is never replaced by a failed
     one) into OUT/<gpu>-<date>-differential SUFFIX.json and .md; returns the markdown."""
-    merged: Dict[tuple, dict] = {}
-    data = None
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        for r in data["rows"]:
-            key = (r["pattern"], r["T"], r["mode"], r["impl"])
-            if r["status"] == "ok" or key not in merged or merged[key]["status"] != "ok":
-                merged[key] = r
+    data, rows = merge_rows(paths, ("pattern", "T", "mode", "impl"))
     order = {p: i for i, p in enumerate(PATTERNS)}
-    data["rows"] = sorted(merged.values(), key=lambda r: (-r["T"], order.get(r["pattern"], len(order)),
-                                                          r["mode"], IMPLS.index(r["impl"])))
+    data["rows"] = sorted(rows, key=lambda r: (-r["T"], order.get(r["pattern"], len(order)), r["mode"],
+                                               IMPLS.index(r["impl"])))
     cfg = data["config"]
     cfg["merged_from"] = [os.path.basename(p) for p in paths]
     cfg["T"] = sorted({r["T"] for r in data["rows"]}, reverse=True)

@@ -302,6 +302,21 @@ def host_overhead(args) -> None:
         json.dump({"environment": environment(dev), "rows": rows}, f, indent=1)
 
 
+def merge_rows(paths: List[str], fields: tuple):
+    """``(last file's data, rows)`` of result JSONs of one session, one row per value of ``fields``: a later file's
+    row replaces an earlier one, except that a failed row never replaces an ok one."""
+    merged: Dict[tuple, dict] = {}
+    data = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["rows"]:
+            key = tuple(r[k] for k in fields)
+            if r["status"] == "ok" or key not in merged or merged[key]["status"] != "ok":
+                merged[key] = r
+    return data, list(merged.values())
+
+
 def markdown(data: dict) -> str:
     """Summary tables: per (D, mode, pattern) and T, attnkit-triton TF/s and its ratio to the best peer
     and to FlexAttention (ratio = peer ms / triton ms, > 1 means attnkit is faster)."""
@@ -381,17 +396,9 @@ def main(argv=None) -> None:
         host_overhead(args)
         return
     if args.merge:
-        merged: Dict[tuple, dict] = {}
-        data = None
-        for path in args.merge:
-            with open(path) as f:
-                data = json.load(f)
-            for r in data["rows"]:
-                key = (r["D"], r["pattern"], r["T"], r["mode"], r["impl"])
-                if r["status"] == "ok" or key not in merged:
-                    merged[key] = r
-        data["rows"] = sorted(merged.values(), key=lambda r: (-r["D"], -r["T"], PATTERNS.index(r["pattern"]),
-                                                              r["mode"], r["impl"] != "triton", r["impl"]))
+        data, rows = merge_rows(args.merge, ("D", "pattern", "T", "mode", "impl"))
+        data["rows"] = sorted(rows, key=lambda r: (-r["D"], -r["T"], PATTERNS.index(r["pattern"]), r["mode"],
+                                                   r["impl"] != "triton", r["impl"]))
         data["config"]["merged_from"] = [os.path.basename(p) for p in args.merge]
         data["config"]["T"] = sorted({r["T"] for r in data["rows"]})
         data["config"]["D"] = sorted({r["D"] for r in data["rows"]})

@@ -238,6 +238,7 @@ def test_score_mod_on_float32_is_tf32_free_in_interpreter():
 
 def _normalizer(name, H):
     return {
+        "softmax": lambda: N.softmax(),
         "sink-learnable": lambda: N.softmax_sink(torch.randn(H, dtype=F64).requires_grad_()),
         "off_by_one": lambda: N.softmax_off_by_one(),
         "relaxed": lambda: N.relaxed(0.3),
@@ -259,6 +260,32 @@ def test_normalizers(name):
     mask = random.choice([M.causal, M.chunked(5), M.causal & ~M.sinks(1)])
     q, k, v = _qkv(1, H, 1, Lq, Lk, 16, 24)
     compare(q, k, v, mask=mask, normalizer=norm, params=_params(norm))
+
+
+MOD_KINDS = ["softcap", "alibi-learnable", "relative_bias", "ssmax", "temperature-scalar", "pointwise"]
+NORM_KINDS = ["softmax", "sink-learnable", "off_by_one", "relaxed", "sigmoid", "sigmoid-learnable", "relu", "relu2",
+              "none"]
+
+
+@pytest.mark.parametrize("norm_name", NORM_KINDS)
+@pytest.mark.parametrize("mod_name", MOD_KINDS)
+def test_every_score_mod_with_every_normalizer(mod_name, norm_name):
+    """A kernel switch meant for one piece must not reach another (ssmax loads the row counts; only relu, relu2
+    and relaxed may divide by them): each score mod with each normalizer, output and gradients."""
+    H = 2
+    sm, norm = _score_mod(mod_name, H), _normalizer(norm_name, H)
+    Lk = random.randint(9, 24)
+    Lq = random.randint(1, Lk)
+    mask = random.choice([M.causal, M.full, M.sliding_window(5) | M.sinks(1)])
+    q, k, v = _qkv(1, H, random.choice([1, 2]), Lq, Lk, 16, 16)
+    compare(q, k, v, mask=mask, score_mod=sm, normalizer=norm, params=_params(sm, norm))
+
+
+def test_bf16_refused_under_the_interpreter():
+    """Triton's interpreter multiplies bf16 bit patterns in tl.dot (garbage ~1e8): refuse, clearly."""
+    q, k, v = (t.detach().to(torch.bfloat16) for t in _qkv(1, 1, 1, 8, 8, 16, 16))
+    with pytest.raises(ValueError, match="bfloat16.*interpreter"):
+        attnkit.attention(q, k, v, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def available() -> bool:
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dtype == torch.float64 and not tuning.interpreting():
         raise Unsupported("float64 inputs (the fused kernels take float16 / bfloat16 / float32 on the GPU)")
+    if q.dtype == torch.bfloat16 and tuning.interpreting():
+        raise Unsupported("bfloat16 under Triton's CPU interpreter (TRITON_INTERPRET=1), whose tl.dot multiplies "
+                          "bf16 bit patterns as integers; use float16 / float32 / float64 there, bfloat16 on the GPU")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise Unsupported(f"dtype {q.dtype}")
     if q.shape[-1] > 256 or v.shape[-1] > 256:

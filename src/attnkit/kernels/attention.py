@@ -189,7 +189,8 @@ class Problem:
         c = dict(MASK_MODE=self.mp.mode, MASK_LEAVES=self.mp.leaves, N_LEAVES=self.mp.n_leaves, MASK_TT=self.mp.tt,
                  MODS=self.mods.packed, PW0=fns[0], PW1=fns[1], PW2=fns[2], PW3=fns[3],
                  NORM=self.norm.code, HAS_SINK=self.norm.has_sink, RELAXED=self.norm.gamma > 0, DIFF=self.diff,
-                 NEED_COUNTS=self.need_counts, FAST_TANH=self.fast_tanh, ACC=self.acc_tl,
+                 COUNTS=int(self.mods.needs_counts) | 2 * int(self.norm.needs_counts),
+                 FAST_TANH=self.fast_tanh, ACC=self.acc_tl,
                  DOT_PREC=self.dot_prec, BD=_pow2(self.D), BDV=_pow2(self.Dv),
                  EVEN_D=_pow2(self.D) == self.D, EVEN_DV=_pow2(self.Dv) == self.Dv)
         if backward:

@@ -125,7 +125,7 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
                 MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
                 PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
                 DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
-                NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                 BM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     offs_m = start_m + tl.arange(0, BM)
     row_ok = offs_m < Lq
@@ -136,7 +136,7 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
     do = load_tile(DO + dooff + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, row_ok[:, None],
                    (offs_dv < DV)[None, :], MASKED, not EVEN_DV)
     lse2, delta = row_softmax_stats(LSE, DELTA, row, row_ok, NORM, ACC, BM)
-    logn, inv_n = row_counts(CNT, cnt_base, offs_m, row_ok, NEED_COUNTS, ACC, BM)
+    logn, inv_n = row_counts(CNT, cnt_base, offs_m, row_ok, COUNTS, ACC, BM)
     tile = 0
     if MASKED:
         if MASK_MODE == MODE_BITMAP:
@@ -257,7 +257,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
              DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr, DPW3: tl.constexpr,
              NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
-             NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+             COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              PHASE: tl.constexpr, PGRAD: tl.constexpr, NBP: tl.constexpr,
              BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
              BD: tl.constexpr, BDV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
@@ -321,7 +321,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
                         j * BN1, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
                         stride_dom, stride_dod, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
                         D, DV, scale, part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3,
-                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, NEED_COUNTS, FAST_TANH, ACC, DOT_PREC, BM1,
+                        DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, COUNTS, FAST_TANH, ACC, DOT_PREC, BM1,
                         EVEN_D, EVEN_DV)
         col_ok = kpos < Lk
         base = pid.to(tl.int64) * Lk + kpos
@@ -357,7 +357,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
             deltab = delta
             lam = 0.0
             dq2 = 0.0
-        logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, NEED_COUNTS, ACC, BM2)
+        logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, COUNTS, ACC, BM2)
         nbias = 0.0
         if NORM != N_SOFTMAX:
             nbias = tl.load(NORMF + h).to(ACC)

@@ -116,7 +116,7 @@ def attn_fwd(Q, K, V, O, LSE, OS,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
              NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
-             NEED_COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+             COUNTS: tl.constexpr, FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
              SCALE_NEG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     """Grid ``(cdiv(Lq, BM), B * HQ)``.
@@ -134,7 +134,7 @@ def attn_fwd(Q, K, V, O, LSE, OS,
     q = load_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
     kbase = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     vbase = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, NEED_COUNTS, ACC, BM)
+    logn, inv_n = row_counts(CNT, b * cs_b + h * cs_h, offs_m, row_ok, COUNTS, ACC, BM)
     nbias = 0.0
     if NORM != N_SOFTMAX:
         nbias = tl.load(NORMF + h).to(ACC)

@@ -111,14 +111,19 @@ def load_tile(ptrs, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
 
 
 @triton.jit
-def row_counts(CNT, base, offs_m, row_ok, NEED_COUNTS: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr):
-    """``(log n, 1 / n)`` per query row, ``n`` = its visible keys (ones when the call needs no counts)."""
-    if NEED_COUNTS:
+def row_counts(CNT, base, offs_m, row_ok, COUNTS: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr):
+    """``(log n, 1 / n)`` per query row, ``n`` = its visible keys. ``COUNTS`` says who reads them: bit 0 a score
+    mod (``log n``, Scalable-Softmax), bit 1 the normalizer (``1 / n``: relu, relu², relaxed softmax); a value
+    nobody asked for is ones, so a switch meant for one piece never reaches another."""
+    if COUNTS != 0:
         n = tl.load(CNT + base + offs_m, mask=row_ok, other=1.0).to(ACC)
+    if (COUNTS & 1) != 0:
         logn = tl.log(n)
-        inv_n = 1.0 / n
     else:
         logn = tl.full([BM], 1.0, ACC)
+    if (COUNTS & 2) != 0:
+        inv_n = 1.0 / n
+    else:
         inv_n = tl.full([BM], 1.0, ACC)
     return logn, inv_n
 

@@ -1,0 +1,43 @@
+"""The attnkit operations the layers call, imported in this one place: when a module moves, one line changes.
+
+Only public names are used (see notes/LAYOUT.md); the head-structure functions are taken from the top level
+when the package exports them there, else from their current modules.
+"""
+from __future__ import annotations
+
+import importlib
+
+import attnkit as _ak
+from attnkit import masks, normalizers, scores  # noqa: F401  (re-exported for the layers)
+
+attention = _ak.attention
+linear_attention = _ak.linear_attention
+linear_step = _ak.linear_step
+get_variant = _ak.get_variant
+AarenState = _ak.AarenState
+LogLinearState = _ak.LogLinearState
+
+
+def _public(name: str, module: str):
+    fn = getattr(_ak, name, None)
+    return fn if fn is not None else getattr(importlib.import_module(module), name)
+
+
+differential_attention = _public("differential_attention", "attnkit.variants.differential")
+multi_token_attention = _public("multi_token_attention", "attnkit.variants.multitoken")
+simplicial_attention = _public("simplicial_attention", "attnkit.variants.simplicial")
+
+
+def variant_pieces(variant, n_heads: int, n_kv_heads: int, head_dim: int) -> dict:
+    """Fresh ``score_mod`` / ``normalizer`` modules of a softmax-family catalog variant, owned by the caller.
+
+    Uses ``variant.pieces(H)`` where the catalog offers it (the variant's own initialization); otherwise the
+    learnable pieces the catalog builds for its checks (``variant.make_inputs``, random initialization).
+    """
+    pieces = getattr(variant, "pieces", None)
+    if callable(pieces):
+        got = pieces(n_heads)
+    else:
+        from attnkit.registry import Spec  # noqa: WPS433  (the Spec of the public Variant contract)
+        got = variant.make_inputs(Spec(B=1, Hq=n_heads, Hkv=n_kv_heads, Lq=1, Lk=1, D=head_dim, Dv=head_dim))
+    return {"score_mod": got.get("score_mod"), "normalizer": got.get("normalizer")}

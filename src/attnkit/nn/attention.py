@@ -1,0 +1,166 @@
+"""``Attention``: the softmax-family attention layer (projections, GQA/MQA, RoPE, qk-norm, output gate, KV cache).
+
+    x [B, T, d_model] → q = x W_q, k = x W_k, v = x W_v   (Hq heads of q, Hkv heads of k and v, head dim D)
+    q, k ← RMSNorm(q), RMSNorm(k)        (qk_norm, per head, as in OLMo 2 / Qwen3)
+    q, k ← RoPE(q, p), RoPE(k, p)        (positions p: cache length + t, or per document with cu_seqlens)
+    o = attention(q, k, v; mask, score_mod, normalizer)          (attnkit.attention: any softmax-family variant)
+    o ← o ⊙ sigmoid(x W_g)               (output_gate: head-specific elementwise gate after attention,
+                                          Qiu et al. 2025, "Gated Attention for Large Language Models")
+    y = o W_o
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, as_rope, doc_positions
+
+__all__ = ["Attention", "layer_mask", "positions_for", "check_input", "split_heads"]
+
+
+def check_input(x: Tensor, d_model: int, cu_seqlens: Optional[Tensor], cache) -> None:
+    """``x [B, T, d_model]``; with ``cu_seqlens`` batch 1 and no cache."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"expected x of shape [B, T, {d_model}], got {got}")
+    if cu_seqlens is not None:
+        if x.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs the documents packed into batch 1, got batch {x.shape[0]}")
+        if cache is not None:
+            raise ValueError("cu_seqlens (packed training) and a cache (decoding) cannot be combined")
+
+
+def positions_for(T: int, offset: int, cu_seqlens: Optional[Tensor], device) -> Tensor:
+    """Token positions ``[T]``: ``offset … offset + T − 1``, or restarting at 0 in every packed document."""
+    if cu_seqlens is not None:
+        return doc_positions(cu_seqlens, T, device)
+    return torch.arange(offset, offset + T, device=device)
+
+
+def layer_mask(causal: bool, mask, cu_seqlens: Optional[Tensor]):
+    """The layer's mask: causal (end-aligned) or full, ANDed with the user's mask and the document mask."""
+    m = _ops.masks.causal if causal else _ops.masks.full
+    if mask is not None:
+        m = m & _ops.masks.as_mask(mask)
+    if cu_seqlens is not None:
+        m = m & _ops.masks.document(cu_seqlens=cu_seqlens.cpu())
+    return m
+
+
+def split_heads(t: Tensor, n_heads: int) -> Tensor:
+    """``[B, T, H·D] -> [B, H, T, D]`` (a view)."""
+    B, T, _ = t.shape
+    return t.view(B, T, n_heads, -1).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Softmax-family attention layer (see the module docstring for the computation).
+
+    Args:
+        d_model: model width. n_heads: query heads. n_kv_heads: key/value heads (GQA; 1 = MQA; default
+            n_heads). head_dim: default d_model // n_heads.
+        mask, score_mod, normalizer: the variant's pieces (:mod:`attnkit.masks` / ``scores`` / ``normalizers``
+            objects or names); the mask is ANDed with causal (``causal=True``) or full.
+        variant: a registered softmax-family variant name (``"alibi"``, ``"softmax-sink"``, ``"ssmax"``, …)
+            instead of score_mod / normalizer; its learnable pieces become this layer's parameters and any mask
+            it adds is built per call (masks sized by the key length follow the keys seen in that call).
+        causal: decoder (True) or encoder (False) attention.
+        rope: None/False, True (standard), a dict (``base``, ``fraction``, ``scaling``) or a RotaryEmbedding.
+        qk_norm: per-head RMSNorm of q and k before RoPE. output_gate: sigmoid gate on the attention output.
+        bias: biases on the q/k/v/o projections. scale: logit scale (default 1/√head_dim).
+        form, backend: passed to :func:`attnkit.attention`.
+        layer_idx: this layer's index in a cache.
+
+    ``forward(x [B, T, d_model], *, cache=None, cu_seqlens=None) -> [B, T, d_model]``. With a
+    :class:`attnkit.cache.KVCache` the new keys/values are appended and the queries attend to all cached
+    keys (positions continue from ``cache.seq_len(layer_idx)``); ``cu_seqlens`` ``[N + 1]`` packs N documents
+    in batch 1 (document mask, RoPE positions restarting per document).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 *, mask=None, score_mod=None, normalizer=None, variant: Optional[str] = None, causal: bool = True,
+                 rope: Union[None, bool, dict, RotaryEmbedding] = True, qk_norm: bool = False,
+                 output_gate: bool = False, bias: bool = False, scale: Optional[float] = None, form: str = "auto",
+                 backend: str = "auto", layer_idx: int = 0, norm_eps: float = 1e-6):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model ({d_model}) is not divisible by n_heads ({n_heads}); give head_dim")
+            head_dim = d_model // n_heads
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.causal, self.scale, self.form, self.backend, self.layer_idx = causal, scale, form, backend, layer_idx
+        self.mask = None if mask is None else _ops.masks.as_mask(mask)
+        self.variant = None
+        if variant is not None:
+            if score_mod is not None or normalizer is not None:
+                raise ValueError("give either variant= or score_mod= / normalizer=, not both")
+            self.variant = _softmax_variant(variant)
+            pieces = _ops.variant_pieces(self.variant, n_heads, n_kv_heads, head_dim)
+            score_mod, normalizer = pieces["score_mod"], pieces["normalizer"]
+        self.score_mod = _ops.scores.as_score_mod(score_mod)
+        self.normalizer = _ops.normalizers.as_normalizer("softmax" if normalizer is None else normalizer)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.g_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias) if output_gate else None
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.rope = as_rope(rope, head_dim)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+        """``[B, Hq, Lq, D] x [B, Hkv, Lk, D] x [B, Hkv, Lk, Dv] -> [B, Hq, Lq, Dv]`` with the layer's variant."""
+        kw = dict(mask=mask, score_mod=self.score_mod, normalizer=self.normalizer, scale=self.scale,
+                  form=self.form, backend=self.backend)
+        if self.variant is not None:
+            return self.variant(q, k, v, **kw)
+        return _ops.attention(q, k, v, **kw)
+
+    def qkv(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None):
+        """Projected, normed and rotated ``q [B, Hq, T, D]``, and ``k``, ``v`` ``[B, Hkv, T_all, D]`` (all cached
+        keys and values when a cache is given)."""
+        check_input(x, self.d_model, cu_seqlens, cache)
+        T = x.shape[1]
+        q = split_heads(self.q_proj(x), self.n_heads)
+        k = split_heads(self.k_proj(x), self.n_kv_heads)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            pos = positions_for(T, cache.seq_len(self.layer_idx) if cache is not None else 0, cu_seqlens, x.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        return q, k, v
+
+    def heads(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Per-head outputs ``[B, T, Hq, D]`` (output gate applied), before the output projection."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cache, cu_seqlens)
+        o = self.attend(q, k, v, layer_mask(self.causal, self.mask, cu_seqlens)).transpose(1, 2)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.n_heads, self.head_dim)
+        return o
+
+    def forward(self, x: Tensor, *, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        o = self.heads(x, cache, cu_seqlens)
+        return self.o_proj(o.reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim))
+
+
+def _softmax_variant(name: str):
+    v = _ops.get_variant(name) if isinstance(name, str) else name
+    if getattr(v, "family", None) != "softmax" or getattr(v, "full_mask", None) is None:
+        layers = {"differential": "DiffAttention", "multi-token": "MultiTokenAttention",
+                  "simplicial-2": "SimplicialAttention"}
+        hint = layers.get(getattr(v, "name", ""), "LinearAttention" if getattr(v, "family", "") == "linear" else None)
+        raise ValueError(f"Attention(variant=...) takes a softmax-family variant that is one attention call "
+                         f"(mask, score mod, normalizer); {getattr(v, 'name', v)!r} is not"
+                         + (f": use attnkit.nn.{hint}" if hint else ""))
+    return v

@@ -79,6 +79,11 @@ class Attention(nn.Module):
     :class:`attnkit.cache.KVCache` the new keys/values are appended and the queries attend to all cached
     keys (positions continue from ``cache.seq_len(layer_idx)``); ``cu_seqlens`` ``[N + 1]`` packs N documents
     in batch 1 (document mask, RoPE positions restarting per document).
+
+    Decoding equals the full forward for every mask and normalizer whose value at (query, key) does not depend
+    on how many keys one call holds; pieces sized by the call's key count (sigmoid's default bias ``−log Lk``,
+    the catalog's windows of ``Lk / 4``) change as the cache grows: give them fixed sizes
+    (``normalizers.sigmoid(-math.log(n))``, ``masks.sliding_window(w)``) to decode.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,

@@ -1,0 +1,286 @@
+"""Context parallelism for the linear family: sequence-parallel state passing.
+
+Every rule with a matrix state (``S ∈ R^{Dk×Dv}`` per head: linear, retention, lightning, scalar_gate, gla,
+hgrn2, delta, gated_delta, kda) is affine in its initial state. Over one contiguous piece of the sequence,
+
+    S_end = P · S_in + S⁰,        o_t = o⁰_t + Q_t · S_in,
+
+where ``(o⁰, S⁰)`` is the piece run from a zero state, ``P ∈ R^{Dk×Dk}`` the product of the piece's
+transitions (a diagonal of decays for additive rules, ``Π_t (I − β_t k_t k_tᵀ) Diag(α_t)`` for delta rules) and
+``Q_t = (P_tᵀ q_t)ᵀ`` the queries carried back to the piece start. One call of the public
+:func:`attnkit.linear_attention` gives all four: the value columns of a rule evolve independently, so running
+the piece on values ``[v | 0]`` from the initial state ``[0 | I]`` returns outputs ``[o⁰ | Q]`` and final state
+``[S⁰ | P]`` (``Dk`` extra value columns; the Triton kernels are used as soon as linear_attention dispatches to
+them).
+
+Each rank computes ``(P, S⁰)`` of its pieces, an all-gather shares them (LASP-2 style: one collective instead of
+``n − 1`` ring hops; ``n`` small matrices per rank), and each rank composes the exclusive prefix
+``S_in = P_{e−1}(⋯(P_0 S_init + S⁰_0)⋯) + S⁰_{e−1}`` of the pieces before its own, then
+``o = o⁰ + Q S_in``. Backward is autograd: the gradients of the composition flow back through the all-gather
+(a reduce-scatter: the reverse scan) into each rank's own pieces. Bidirectional linear attention
+(``causal=False``) uses ``S_in = S_init + Σ_{other pieces} S⁰``.
+
+Packed documents (``cu_seqlens`` of the whole, padded sequence): the state restarts at every boundary, so a piece
+that contains a boundary has ``P = 0`` beyond it; a document cut by a shard boundary carries its state across.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import attnkit
+from attnkit.variants.linear import NORMALIZE_EPS, RULES
+
+from .comm import Group, all_gather_stack, check_group
+from .shard import ShardLayout, pad_cu_seqlens
+
+__all__ = ["context_parallel_linear_attention", "SUPPORTED_RULES"]
+
+SUPPORTED_RULES = tuple(RULES)
+WHAT = "context_parallel_linear_attention"
+
+
+def _connect(x: Tensor, *others: Tensor) -> Tensor:
+    """``x`` plus an exact zero that depends on ``others`` (a select, never NaN): every rank's output then
+    reaches the all-gather in autograd, so every rank joins its backward collective."""
+    off = torch.zeros((), dtype=torch.bool, device=x.device)
+    z = sum(torch.where(off, t.reshape(-1)[:1].to(x.dtype), 0).sum() for t in others)
+    return x + z
+
+
+def _bhtd(t: Optional[Tensor], layout: str) -> Optional[Tensor]:
+    return t.transpose(1, 2) if (t is not None and layout == "bthd") else t
+
+
+def _seg(t: Optional[Tensor], a: int, n: int) -> Optional[Tensor]:
+    return None if t is None else t[:, :, a:a + n]
+
+
+def context_parallel_linear_attention(
+    q: Optional[Tensor],
+    k: Optional[Tensor],
+    v: Tensor,
+    *,
+    rule: str,
+    group=None,
+    gate: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    feature_map=None,
+    normalize: bool = False,
+    scale: Optional[float] = None,
+    form: str = "chunk",
+    chunk_size: int = 64,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    layout: str = "bhtd",
+    qk_l2norm: bool = False,
+    causal: bool = True,
+    layer_idx: int = 0,
+    num_layers: int = 1,
+    load_balance: Optional[str] = None,
+    seq_len: Optional[int] = None,
+    backend: str = "auto",
+    check: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`attnkit.linear_attention` over a sequence sharded across the ranks of ``group``.
+
+    Arguments as in :func:`attnkit.linear_attention`, each per-token tensor (q, k, v, gate, beta) being this rank's
+    shard (the same local length on every rank; ``load_balance`` None = contiguous pieces, ``"zigzag"`` = pieces
+    ``r`` and ``2n−1−r``, e.g. to share the layout of the softmax layers of a hybrid model). Per-head gates
+    (retention, lightning) are passed whole. ``seq_len``: the true length when the shards are padded (padded
+    tokens write nothing and do not decay the state). ``initial_state``: the state before position 0, the same on
+    every rank (``[N, ...]`` per document with ``cu_seqlens``). ``cu_seqlens``: the document boundaries of the
+    whole sequence (batch 1), as for the unsharded call.
+
+    Returns ``(o, final_state)``: this rank's output shard and, with ``output_final_state``, the state after the
+    whole sequence (per document with ``cu_seqlens``), identical on every rank. Every rank must run backward
+    through the call (the gradients pass through a collective).
+    """
+    g = Group.of(group)
+    err, sig, local = None, {}, None
+    try:
+        local = _local(g, q, k, v, rule=rule, gate=gate, beta=beta, feature_map=feature_map, normalize=normalize,
+                       scale=scale, form=form, chunk_size=chunk_size, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, layout=layout,
+                       qk_l2norm=qk_l2norm, causal=causal, layer_idx=layer_idx, num_layers=num_layers,
+                       load_balance=load_balance, seq_len=seq_len, backend=backend)
+        sig = local.signature
+    except Exception as e:  # shared with every rank by check_group, then raised everywhere
+        err = e
+    if check:
+        check_group(g, WHAT, sig, err)
+    elif err is not None:
+        raise err
+    return local.finish(g)
+
+
+class _Local:
+    """One rank's pieces run from ``[0 | I]``: ``o_aug [B,H,len,Dv'+R]`` and ``S_aug [N,H,R,Dv'+R]`` per piece."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def finish(self, g: Group):
+        lay: ShardLayout = self.layout_
+        Dv, R = self.Dv_tot, self.R
+        last = [s if self.cu is None else s[-1:] for s in self.S_out]  # the state each piece hands on
+        P_loc = torch.stack([s[..., Dv:] for s in last])  # [nseg, B, H, R, R]
+        S_loc = torch.stack([s[..., :Dv] for s in last])
+        P_all = all_gather_stack(P_loc, g)  # [n, nseg, ...]
+        S_all = all_gather_stack(S_loc, g)
+        order = sorted((s, r, i) for r in range(g.world_size) for i, (s, _) in enumerate(lay.segments(r)))
+        S_init = self.S_init
+        mine = {}
+        if self.causal:
+            S = S_init
+            for _, r, i in order:
+                if r == g.rank:
+                    mine[i] = S
+                S = P_all[r, i] @ S + S_all[r, i]
+            final = S
+        else:
+            total = S_init + S_all.sum((0, 1))
+            for i in range(len(self.o_aug)):
+                others = [S_all[r, j] for _, r, j in order if (r, j) != (g.rank, i)]
+                mine[i] = S_init + sum(others) if others else S_init
+            final = total
+        outs = []
+        for i, o in enumerate(self.o_aug):
+            S_in = mine[i]  # with cu_seqlens only the piece's first document reads it (Q is 0 elsewhere)
+            corr = o[..., Dv:].to(S_in.dtype) @ S_in
+            outs.append(o[..., :Dv].to(S_in.dtype) + corr)
+        out = _connect(torch.cat(outs, 2), P_all, S_all)
+        if self.normalize:
+            out = out[..., :-1] / (out[..., -1:] + NORMALIZE_EPS)
+        out = out.to(self.dtype)
+        if self.layout == "bthd":
+            out = out.transpose(1, 2)
+        if not self.output_final_state:
+            return out, None
+        if self.cu is not None:
+            final = self._doc_finals(g, mine)
+        return out, final
+
+    def _doc_finals(self, g: Group, mine):
+        """Final state of every document: computed on the rank holding its end, summed over ranks."""
+        lay: ShardLayout = self.layout_
+        Dv = self.Dv_tot
+        part = torch.zeros(self.n_docs, *self.S_out[0].shape[1:-1], Dv, dtype=self.cd, device=self.device)
+        for i, (s, n) in enumerate(lay.segments(g.rank)):
+            for d, (doc, first) in enumerate(self.seg_docs[i]):
+                end = int(self.cu[doc + 1])
+                if doc < self.n_docs and s < end <= s + n:
+                    st = self.S_out[i][d]
+                    fin = st[..., :Dv] + (st[..., Dv:] @ mine[i][-1] if first else 0)
+                    part = part.index_add(0, torch.tensor([doc], device=self.device), fin[None])
+        return all_gather_stack(part, g).sum(0)
+
+
+def _local(g: Group, q, k, v, *, rule, gate, beta, feature_map, normalize, scale, form, chunk_size, initial_state,
+           output_final_state, cu_seqlens, layout, qk_l2norm, causal, layer_idx, num_layers, load_balance,
+           seq_len, backend) -> _Local:
+    if rule not in SUPPORTED_RULES:
+        if rule in ("aaren", "log_linear"):
+            raise ValueError(f"context_parallel_linear_attention supports the matrix-state rules {SUPPORTED_RULES}; "
+                             f"{rule!r} is not: its state (Fenwick levels of a position / a prefix softmax) is not "
+                             "one Dk×Dv matrix. aaren with per-token queries is causal softmax attention: use "
+                             "context_parallel_attention(mask='causal')")
+        raise ValueError(f"unknown rule {rule!r}; expected one of {SUPPORTED_RULES}")
+    if layout not in ("bhtd", "bthd"):
+        raise ValueError(f"layout must be 'bhtd' or 'bthd', got {layout!r}")
+    if not isinstance(v, Tensor) or v.dim() != 4:
+        raise ValueError(f"v must be a 4-D tensor, got {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+    head_gate = RULES[rule].gate == "head"
+    qb, kb, vb = _bhtd(q, layout), _bhtd(k, layout), _bhtd(v, layout)
+    gb = gate if head_gate else _bhtd(gate, layout)
+    bb = _bhtd(beta, layout)
+    B, Hv, L, Dv = vb.shape
+    lay = ShardLayout(g.world_size, L, load_balance, seq_len)
+    padded = lay.length < lay.total
+    if padded and head_gate and output_final_state:
+        raise ValueError(f"rule {rule!r} decays the state by a fixed per-head factor at every token, padding "
+                         "included, so the final state of a padded sequence would be decayed too far: shard a "
+                         "sequence whose length divides evenly, or use scalar_gate with the same log decays")
+    common = dict(rule=rule, feature_map=feature_map, scale=scale, qk_l2norm=qk_l2norm, causal=causal,
+                  layer_idx=layer_idx, num_layers=num_layers, backend=backend, chunk_size=chunk_size)
+    # probe one token with the caller's own options (validation, e.g. normalize; the state's shape)
+    one = lambda t: None if t is None else t[:, :, :1]  # noqa: E731
+    with torch.no_grad():
+        _, S1 = attnkit.linear_attention(one(qb), one(kb), one(vb), form="recurrent" if causal else "chunk",
+                                         gate=gb if head_gate else one(gb), beta=one(bb), normalize=normalize,
+                                         output_final_state=True, **common)
+    _, H, R, Dv_tot = S1.shape
+    cd, dev = S1.dtype, S1.device
+    cu = None
+    if cu_seqlens is not None:
+        if not causal:
+            raise ValueError("cu_seqlens with causal=False is not supported in context parallelism (a document's "
+                             "bidirectional state would sum its own pieces only); shard whole documents instead")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs the documents packed into batch 1, got batch {B}")
+        cu = pad_cu_seqlens(cu_seqlens, lay.total)
+        if bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must strictly increase, got {cu.tolist()}")
+    n_docs = None if cu is None else (len(cu) - 1 if int(torch.as_tensor(cu_seqlens)[-1]) == lay.total
+                                      else len(cu) - 2)
+    # the state before position 0
+    n_states = B if cu is None else n_docs
+    if initial_state is not None:
+        want = (n_states, H, R, Dv_tot)
+        if not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must be {list(want)} (batch or documents, heads, Dk, Dv"
+                             f"{' + 1' if normalize else ''}), got "
+                             f"{tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state!r}")
+        init_user = initial_state.to(device=dev, dtype=cd)
+    else:
+        init_user = None
+    eye = torch.eye(R, dtype=cd, device=dev)
+    o_aug, S_out, seg_docs = [], [], []
+    off = 0
+    for s, n in lay.segments(g.rank):
+        valid = (torch.arange(s, s + n, device=vb.device) < lay.length)
+        vs = _seg(vb, off, n)
+        cols = [vs * valid.view(1, 1, -1, 1).to(vs.dtype)]
+        if normalize:  # the normalizer column z of linear_attention(normalize=True), run as a value column
+            cols.append(valid.view(1, 1, -1, 1).to(vs.dtype).expand(B, Hv, n, 1))
+        cols.append(vs.new_zeros(B, Hv, n, R))
+        v_aug = torch.cat(cols, -1)
+        gs = gb if head_gate or gb is None else _seg(gb, off, n) * valid.view(1, 1, -1, *([1] * (gb.dim() - 3)))
+        bs = None if bb is None else _seg(bb, off, n) * valid.view(1, 1, -1).to(bb.dtype)
+        if cu is None:
+            init = torch.cat([torch.zeros(B, H, R, Dv_tot, dtype=cd, device=dev),
+                              eye.expand(B, H, R, R)], -1)
+            loc_cu, docs = None, None
+        else:
+            inner = [int(c) - s for c in cu.tolist() if s < c < s + n]
+            loc_cu = torch.tensor([0] + inner + [n], device=dev)
+            first_doc = int(torch.searchsorted(cu, torch.tensor(s), right=True)) - 1
+            cont = s not in cu.tolist()
+            docs = [(first_doc + d, cont and d == 0) for d in range(len(inner) + 1)]
+            init = torch.zeros(len(docs), H, R, Dv_tot + R, dtype=cd, device=dev)
+            for d, (doc, first) in enumerate(docs):
+                if first:
+                    init[d, :, :, Dv_tot:] = eye
+                elif init_user is not None and doc < n_docs:
+                    init[d, :, :, :Dv_tot] = init_user[doc]
+        o, S = attnkit.linear_attention(_seg(qb, off, n), _seg(kb, off, n), v_aug, gate=gs, beta=bs, form=form,
+                                        initial_state=init, output_final_state=True, cu_seqlens=loc_cu,
+                                        **common)
+        o_aug.append(o)
+        S_out.append(S)
+        seg_docs.append(docs)
+        off += n
+    if cu is None:
+        S_init = torch.zeros(B, H, R, Dv_tot, dtype=cd, device=dev) if init_user is None else init_user
+    else:  # documents restart from their own initial state inside the pieces; nothing enters at position 0
+        S_init = torch.zeros(1, H, R, Dv_tot, dtype=cd, device=dev)
+    signature = dict(v=tuple(vb.shape), q=None if qb is None else tuple(qb.shape), rule=rule, state=(H, R, Dv_tot),
+                     dtype=str(v.dtype), layout=layout, load_balance=load_balance, seq_len=seq_len, causal=causal,
+                     normalize=normalize, form=form, cu_seqlens=None if cu is None else cu.tolist(),
+                     final=output_final_state)
+    return _Local(layout_=lay, o_aug=o_aug, S_out=S_out, Dv_tot=Dv_tot, R=R, S_init=S_init, causal=causal,
+                  normalize=normalize, dtype=v.dtype, layout=layout, output_final_state=output_final_state, cu=cu,
+                  n_docs=n_docs, seg_docs=seg_docs, cd=cd, device=dev, signature=signature)

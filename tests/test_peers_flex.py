@@ -172,7 +172,7 @@ def test_relative_bias_lookup_grows():
         mod = S.relative_bias(2, nb, md, bidir)
         for Lq, Lk in [(3, 5), (40, 7), (1, 300), (9, 9), (200, 2)]:
             rel = torch.arange(1 - Lk, Lq)
-            assert torch.equal(mod.buckets(rel, Lq, Lk), S.t5_bucket(rel, nb, md, bidir)), (Lq, Lk, bidir)
+            assert torch.equal(mod.buckets(rel, 1 - Lk, Lq - 1), S.t5_bucket(rel, nb, md, bidir)), (Lq, Lk, bidir)
 
 
 def test_held_tensors_move_once():

@@ -91,6 +91,8 @@ def attention(
     return_weights: bool = False,
     layout: str = "bhtd",
     deterministic: Optional[bool] = None,
+    q_offset: Optional[int] = None,
+    kv_offset: int = 0,
 ):
     """Softmax-family attention ``o_i = Σ_j normalizer(score_mod(scale · q_i·k_j))_j v_j`` over visible keys.
 
@@ -112,6 +114,11 @@ def attention(
             -inf without a sink). float32 for half-precision inputs, float64 for float64.
         return_weights: also return ``[B, Hq, Lq, Lk]`` weights (materialized form only; float32
             for half-precision inputs).
+        q_offset, kv_offset: positions of query row 0 and key 0 (query row ``i`` sits at ``q_offset + i``, key
+            ``j`` at ``kv_offset + j``); masks and score mods see these positions. Default: keys from 0 and
+            queries aligned to the end of the keys (``q_offset = kv_offset + Lk − Lq``). For a shard of a longer
+            sequence (context parallelism) or a chunk of a prefill; ``document`` / per-batch ``prefix_lm``
+            tensors are indexed by position and must cover every position used.
         deterministic: fused kernels must give bitwise-reproducible results (default: follow
             ``torch.are_deterministic_algorithms_enabled()``). The Triton kernels always are; this
             only stops ``backend="auto"`` from picking SDPA. The reference backend is deterministic.
@@ -125,6 +132,7 @@ def attention(
     score_mod = as_score_mod(score_mod)
     normalizer = as_normalizer(normalizer)
     scale = resolve_scale(scale, q.shape[-1])
+    positions = check_positions(q_offset, kv_offset)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if backend not in BACKENDS:
@@ -135,7 +143,7 @@ def attention(
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     if backend != "reference" and form in ("auto", "streaming") and not return_weights:
-        fused = _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, deterministic)
+        fused = _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, deterministic, positions)
         if fused is not None:
             name, out, lse = fused
             record_backend(name, "fused")
@@ -150,10 +158,23 @@ def attention(
     if return_weights and form != "materialized":
         raise ValueError(f"return_weights needs form='materialized' (the only form that builds the weights), "
                          f"got form={form!r}")
-    return run_reference(q, k, v, mask, score_mod, normalizer, scale, form, return_lse, return_weights, layout)
+    return run_reference(q, k, v, mask, score_mod, normalizer, scale, form, return_lse, return_weights, layout,
+                         positions=positions)
 
 
-def _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, deterministic=None):
+def check_positions(q_offset, kv_offset) -> Optional[Tuple[Optional[int], int]]:
+    """``(q_offset, kv_offset)`` validated, or None for the default placement."""
+    for name, val in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
+            raise TypeError(f"{name} must be an int{' or None' if name == 'q_offset' else ''}, got {val!r}")
+    if kv_offset is None:
+        raise TypeError("kv_offset must be an int, got None")
+    if q_offset is None and kv_offset == 0:
+        return None
+    return q_offset, kv_offset
+
+
+def _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, deterministic=None, positions=None):
     """Ask the fused-kernel dispatcher (:mod:`attnkit.kernels`) for this exact function.
 
     Returns ``(backend_name, out, lse)`` or None (auto: no fused kernel applies, use the reference).
@@ -163,7 +184,7 @@ def _fused(backend, q, k, v, mask, score_mod, normalizer, scale, return_lse, det
     if run is None:
         return None
     return run(backend, q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer,
-               scale=scale, return_lse=return_lse, deterministic=deterministic)
+               scale=scale, return_lse=return_lse, deterministic=deterministic, positions=positions)
 
 
 def fused_entry(backend: str, name: str):
@@ -182,11 +203,12 @@ def fused_entry(backend: str, name: str):
 
 
 def run_reference(q, k, v, mask, score_mod, normalizer, scale, form, return_lse, return_weights, layout,
-               call_cls=_sm.Call, **form_kw):
+                  call_cls=_sm.Call, positions=None, **form_kw):
     dtype = q.dtype
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-    call = call_cls(qc, kc, vc, mask, score_mod, normalizer, scale)
+    pos = {} if positions is None else dict(q_offset=positions[0], kv_offset=positions[1])
+    call = call_cls(qc, kc, vc, mask, score_mod, normalizer, scale, **pos)
     weights = None
     if form == "materialized":
         out, lse, weights = _sm.materialized(call, qc, kc, vc)

@@ -10,7 +10,10 @@ Position convention (one rule for every mask and score mod): when ``Lq != Lk`` q
 aligned to the *end* of the keys, so query row ``i`` sits at position ``q = i + (Lk - Lq)``.
 For self-attention this is the plain index; for decoding one token over a cache of ``n`` keys the
 query is at position ``n - 1``; for CAB's causal cross pattern it is the end-aligned causal mask.
-User predicates and score mods receive these aligned positions too.
+User predicates and score mods receive these aligned positions too. ``attention(..., q_offset=, kv_offset=)``
+places queries and keys at other positions (query row ``i`` at ``q_offset + i``, key ``j`` at
+``kv_offset + j``), e.g. one shard of a longer sequence; masks that index tensors by position
+(``document``, per-batch ``prefix_lm``) then need those tensors to cover every position used.
 
 Masks combine with ``&``, ``|`` and ``~``. Each one reports, for a block size, which
 (query-block, key-block) pairs are empty, full or partial (:meth:`Mask.block_map`); the map is
@@ -36,29 +39,52 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes of one attention call as seen by masks."""
+    """Sizes and positions of one attention call as seen by masks.
+
+    Query row ``i`` sits at position ``q0 + i``, key ``j`` at ``k0 + j``. By default ``k0 = 0`` and queries
+    are aligned to the end of the keys (``q0 = Lk − Lq``); ``q_off`` / ``kv_off`` place them elsewhere (a shard
+    of a longer sequence in context parallelism, a chunk of a prefill).
+    """
 
     B: int
     H: int
     Lq: int
     Lk: int
+    q_off: Optional[int] = None
+    kv_off: int = 0
+
+    @property
+    def k0(self) -> int:
+        """Position of key 0."""
+        return self.kv_off
+
+    @property
+    def q0(self) -> int:
+        """Position of query row 0."""
+        return self.kv_off + self.Lk - self.Lq if self.q_off is None else self.q_off
 
     @property
     def offset(self) -> int:
-        """Position of query row 0 (queries are aligned to the end of the keys)."""
-        return self.Lk - self.Lq
+        """Query position minus key index for the same row: key ``j`` is at or before row ``i`` iff
+        ``j <= i + offset``."""
+        return self.q0 - self.k0
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the caller placed the queries or keys somewhere other than the default."""
+        return self.q_off is not None or self.kv_off != 0
 
 
 def index_grid(g: Geometry, device, q_rows: Optional[Tensor] = None, kv_cols: Optional[Tensor] = None):
-    """Broadcastable ``(b, h, q, kv)`` index tensors; ``q`` holds aligned positions."""
+    """Broadcastable ``(b, h, q, kv)`` index tensors; ``q`` and ``kv`` hold positions."""
     if q_rows is None:
         q_rows = torch.arange(g.Lq, device=device)
     if kv_cols is None:
         kv_cols = torch.arange(g.Lk, device=device)
     b = torch.arange(g.B, device=device).view(-1, 1, 1, 1)
     h = torch.arange(g.H, device=device).view(1, -1, 1, 1)
-    q = (q_rows + g.offset).view(1, 1, -1, 1)
-    kv = kv_cols.view(1, 1, 1, -1)
+    q = (q_rows + g.q0).view(1, 1, -1, 1)
+    kv = (kv_cols + g.k0).view(1, 1, 1, -1)
     return b, h, q, kv
 
 
@@ -168,13 +194,17 @@ class Mask:
         return out.expand(out.shape[0], out.shape[1], q.shape[2], kv.shape[3])
 
     def block_map(self, B: int, H: int, Lq: int, Lk: int, block_q: int = 128, block_k: int = 128,
-                  device=None) -> BlockMap:
-        """Exact EMPTY/PARTIAL/FULL map for the given block sizes (memory O(Lq·block_k))."""
-        return _scan(self, Geometry(B, H, Lq, Lk), block_q, block_k, device or "cpu", counts=False)[0]
+                  device=None, *, q_offset: Optional[int] = None, kv_offset: int = 0) -> BlockMap:
+        """Exact EMPTY/PARTIAL/FULL map for the given block sizes (memory O(Lq·block_k)); the offsets place
+        the queries and keys as in :class:`Geometry`."""
+        g = Geometry(B, H, Lq, Lk, q_offset, kv_offset)
+        return _scan(self, g, block_q, block_k, device or "cpu", counts=False)[0]
 
-    def row_counts(self, B: int, H: int, Lq: int, Lk: int, device=None, block: int = 256) -> Tensor:
+    def row_counts(self, B: int, H: int, Lq: int, Lk: int, device=None, block: int = 256, *,
+                   q_offset: Optional[int] = None, kv_offset: int = 0) -> Tensor:
         """Number of visible keys per query row, ``[B', H', Lq]`` int64, without an Lq x Lk tensor."""
-        return _scan(self, Geometry(B, H, Lq, Lk), block, block, device or "cpu", counts=True)[1]
+        g = Geometry(B, H, Lq, Lk, q_offset, kv_offset)
+        return _scan(self, g, block, block, device or "cpu", counts=True)[1]
 
 
 MaskLike = Union[Mask, str, None]
@@ -347,7 +377,7 @@ class PrefixLM(Mask):
         p = self.prefix_len
         if p.dim() == 1 and p.numel() not in (1, g.B):
             raise ValueError(f"prefix_len has {p.numel()} entries but the batch has {g.B}")
-        if int(p.max()) > g.Lk:
+        if not g.explicit and int(p.max()) > g.Lk:
             raise ValueError(f"prefix_len {int(p.max())} is longer than the sequence (Lk={g.Lk})")
 
     def __call__(self, b, h, q, kv):
@@ -456,17 +486,22 @@ class Document(Mask):
 
     def validate(self, g):
         Bp, L = self.ids.shape
-        if L != g.Lk:
-            what = "cu_seqlens[-1]" if self.cu_seqlens is not None else "doc_ids length"
-            raise ValueError(f"document mask: {what} is {L} but Lk is {g.Lk}")
+        what = "cu_seqlens[-1]" if self.cu_seqlens is not None else "doc_ids length"
         if Bp not in (1, g.B):
             raise ValueError(f"document mask: doc_ids batch is {Bp} but the batch has {g.B}")
-        if g.Lq > g.Lk:
-            raise ValueError(f"document mask needs Lq <= Lk (queries aligned to the end), got Lq={g.Lq} > Lk={g.Lk}")
+        if not g.explicit:
+            if L != g.Lk:
+                raise ValueError(f"document mask: {what} is {L} but Lk is {g.Lk}")
+            if g.Lq > g.Lk:
+                raise ValueError(f"document mask needs Lq <= Lk (queries aligned to the end), got Lq={g.Lq} > "
+                                 f"Lk={g.Lk}")
+        elif min(g.q0, g.k0) < 0 or max(g.q0 + g.Lq, g.k0 + g.Lk) > L:
+            raise ValueError(f"document mask: {what} is {L}, but the call uses query positions [{g.q0}, "
+                             f"{g.q0 + g.Lq}) and key positions [{g.k0}, {g.k0 + g.Lk}); the ids must cover them")
 
     def __call__(self, b, h, q, kv):
         ids = self._held.on(q.device)
-        q = q.clamp(min=0)
+        q = q.clamp(0, ids.shape[1] - 1)  # rows before the first key (Lq > Lk) see none of them anyway
         if ids.shape[0] == 1:  # one id row for every batch: no dependence on b
             return ids[0, q] == ids[0, kv]
         return ids[b, q] == ids[b, kv]
@@ -483,7 +518,8 @@ class Document(Mask):
             vals = ids[:, idx]  # [B', n, width]
             return vals.amin(-1), vals.amax(-1)
 
-        qmn, qmx = rng(qlo.clamp(min=0), qhi.clamp(min=0))
+        last = ids.shape[1] - 1
+        qmn, qmx = rng(qlo.clamp(0, last), qhi.clamp(0, last))
         kmn, kmx = rng(klo, khi)
         qmn, qmx = qmn.view(Bp, 1, -1, 1), qmx.view(Bp, 1, -1, 1)
         kmn, kmx = kmn.view(Bp, 1, 1, -1), kmx.view(Bp, 1, 1, -1)
@@ -601,10 +637,10 @@ def block_bounds(g: Geometry, block_q: int, block_k: int, device):
     nq, nk = -(-g.Lq // block_q), -(-g.Lk // block_k)
     qs = torch.arange(nq, device=device) * block_q
     ks = torch.arange(nk, device=device) * block_k
-    qlo = (qs + g.offset).view(1, 1, -1, 1)
-    qhi = (torch.clamp(qs + block_q, max=g.Lq) - 1 + g.offset).view(1, 1, -1, 1)
-    klo = ks.view(1, 1, 1, -1)
-    khi = torch.clamp(ks + block_k, max=g.Lk).view(1, 1, 1, -1) - 1
+    qlo = (qs + g.q0).view(1, 1, -1, 1)
+    qhi = (torch.clamp(qs + block_q, max=g.Lq) - 1 + g.q0).view(1, 1, -1, 1)
+    klo = (ks + g.k0).view(1, 1, 1, -1)
+    khi = (torch.clamp(ks + block_k, max=g.Lk) - 1 + g.k0).view(1, 1, 1, -1)
     return qlo, qhi, klo, khi
 
 

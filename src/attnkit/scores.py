@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,13 @@ class Idx:
     Lk: int
     H: int
     logn: Optional[Tensor] = None
+    q0: Optional[int] = None  #: position of query row 0 (None: Lk − Lq, end-aligned)
+    k0: int = 0  #: position of key 0
+
+    def rel_range(self) -> Tuple[int, int]:
+        """Smallest and largest ``kv − q`` over the whole call (every row and key)."""
+        q0 = self.Lk - self.Lq if self.q0 is None else self.q0
+        return self.k0 - (q0 + self.Lq - 1), self.k0 + self.Lk - 1 - q0
 
     def log_n(self) -> Tensor:
         """log of the visible-key count of each query row (see :func:`log_counts`)."""
@@ -222,13 +229,13 @@ class RelativeBias(ScoreMod):
         self.table = table
         self._lut, self._lut_lo = None, 0  # buckets of rel = kv - q for rel in [-lo, len - lo)
 
-    def buckets(self, rel: Tensor, Lq: int, Lk: int) -> Tensor:
-        """Bucket of ``rel = kv − q`` by lookup in a table of :func:`t5_bucket` over every offset of an
-        ``Lq x Lk`` call (``1 − Lk <= rel <= Lq − 1``), built on ``rel``'s device and grown on demand."""
+    def buckets(self, rel: Tensor, rel_lo: int, rel_hi: int) -> Tensor:
+        """Bucket of ``rel = kv − q`` by lookup in a table of :func:`t5_bucket` over ``rel_lo <= rel <= rel_hi``
+        (every offset of the call), built on ``rel``'s device and grown on demand."""
         lut, lo = self._lut, self._lut_lo
-        if lut is None or lut.device != rel.device or lo < Lk - 1 or lut.numel() - lo < Lq:
-            lo = max(Lk - 1, lo)
-            hi = max(Lq - 1, 0 if lut is None else lut.numel() - self._lut_lo - 1)
+        if lut is None or lut.device != rel.device or lo < -rel_lo or lut.numel() - lo <= rel_hi:
+            lo = max(-rel_lo, lo if lut is not None else 0)
+            hi = max(rel_hi, 0 if lut is None else lut.numel() - self._lut_lo - 1)
             r = torch.arange(-lo, hi + 1, dtype=torch.long, device=rel.device)
             lut = t5_bucket(r, self.num_buckets, self.max_distance, self.bidirectional)
             self._lut, self._lut_lo = lut, lo
@@ -239,7 +246,7 @@ class RelativeBias(ScoreMod):
             raise ValueError(f"relative_bias was built for {self.num_heads} heads but there are {H} query heads")
 
     def forward(self, score, idx):
-        bucket = self.buckets(idx.kv - idx.q, idx.Lq, idx.Lk)
+        bucket = self.buckets(idx.kv - idx.q, *idx.rel_range())
         return score + self.table.to(device=score.device, dtype=score.dtype)[bucket, idx.h]
 
     def extra_repr(self):

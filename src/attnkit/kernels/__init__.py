@@ -142,7 +142,7 @@ def _unsupported(backend: str, e: Unsupported) -> None:
 
 
 def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, normalizer, scale: float,
-        return_lse: bool, deterministic: Optional[bool] = None):
+        return_lse: bool, deterministic: Optional[bool] = None, positions=None):
     """Fused attention for :func:`attnkit.attention`: ``(backend_name, out, lse or None)`` or None.
 
     ``q [B,Hq,Lq,D]``, ``k [B,Hkv,Lk,D]``, ``v [B,Hkv,Lk,Dv]`` (views allowed). None means "no
@@ -156,11 +156,13 @@ def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, norma
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     try:
         _check(q, k, v)
-        if backend == "auto" and q.device.type == "cuda" and not return_lse and not deterministic:
+        if (backend == "auto" and q.device.type == "cuda" and not return_lse and not deterministic
+                and positions is None):
             hit = _try_sdpa(q, k, v, mask, score_mod, normalizer, scale)
             if hit is not None:
                 return hit[0], hit[1], None
-        out, lse = fused(q, k, v, mask, score_mod, normalizer, scale, need_grad, want_lse=return_lse)
+        out, lse = fused(q, k, v, mask, score_mod, normalizer, scale, need_grad, want_lse=return_lse,
+                         pos=positions or (None, 0))
     except Unsupported as e:
         return _unsupported(backend, e)
     return "triton", out, (lse if return_lse else None)

@@ -108,12 +108,16 @@ class Problem:
     """Everything one call signature needs (see the module doc); built once, reused by every later call."""
 
     def __init__(self, mask, score_mod, normalizer, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
-                 scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool = False):
+                 scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool = False,
+                 pos=P.DEFAULT_POS):
         self.keep = (mask, score_mod, normalizer)  # the objects the cache key names by identity stay alive
         self.B, self.Hq, self.Hkv, self.Lq, self.Lk, self.D, self.Dv = B, Hq, Hkv, Lq, Lk, D, Dv
         self.scale, self.dtype, self.device = scale, dtype, device
         self.diff = diff  # differential attention: q / k hold two maps of head dim D each
         self.need_grad = need_grad
+        self.pos = pos  # (q_offset, kv_offset) as given; the kernels take the positions of row 0 and key 0
+        g = Geometry(B, Hq, Lq, Lk, *pos)
+        self.q0, self.k0 = g.q0, g.k0
         self.mp = P.mask_plan(mask, B, device)
         self.mods = P.mod_plan(score_mod, Hq, need_grad)
         self.norm = P.norm_plan(normalizer, Lk)
@@ -123,7 +127,8 @@ class Problem:
         dummy_f, dummy_i = _dummy(device, self.acc_t), _dummy(device, torch.int32)
         self.dummy_f, self.dummy_i = dummy_f, dummy_i
         rb = self.mods.relbias
-        self.rbl, self.rb_off = P.relbias_lut(rb, Lq, Lk, device) if rb is not None else (dummy_i, 0)
+        self.rbl, self.rb_off = (P.relbias_lut(rb, Lq, Lk, device, self.q0, self.k0) if rb is not None
+                                 else (dummy_i, 0))
         self.learnable: List[P.Learnable] = self.mods.learnable + self.norm.learnable
         self.learnable_tensors = [lr.tensor for lr in self.learnable]
         values = [v for _, v in self.mods.values] + [self.norm.value] + ([rb.table] if rb is not None else [])
@@ -132,21 +137,21 @@ class Problem:
         self._static_buffers = None if self.dynamic else self._param_buffers()
         # the constant parts of the kernels' shared arguments (see :meth:`common`)
         if self.need_counts:
-            counts = P.row_counts(mask, B, Hq, Lq, Lk, device)
+            counts = P.row_counts(mask, B, Hq, Lq, Lk, device, pos)
             Bp, Hp, _ = counts.shape
             cnt = (counts, Hp * Lq if Bp > 1 else 0, Lq if Hp > 1 else 0)
         else:
             cnt = (dummy_f, 0, 0)
         mp = self.mp
         if mp.mode == P.MODE_BITMAP:
-            bmp = P.bitmap(mask, B, Hq, Lq, Lk, device)
+            bmp = P.bitmap(mask, B, Hq, Lq, Lk, device, pos)
             Bp, Hp, nq, nk = bmp.lut.shape
             bm = (bmp.bits, bmp.lut, Hp * nq * nk if Bp > 1 else 0, nq * nk if Hp > 1 else 0, nk)
         else:
             bm = (dummy_i, dummy_i, 0, 0, 1)
         self._c0 = (*cnt, mp.maskp if mp.maskp is not None else dummy_i,
                     mp.maskd if mp.maskd is not None else dummy_i, *bm)
-        self._c1 = (float(self.norm.gamma), Hq, self.G, Lq, Lk, D, Dv, float(scale))
+        self._c1 = (float(self.norm.gamma), Hq, self.G, Lq, Lk, self.q0, self.k0, D, Dv, float(scale))
         self.phases: Dict[object, Phase] = {}
         self.split_bwd: Optional[bool] = True if SPLIT_BWD else None  # None: not decided yet
 
@@ -225,7 +230,7 @@ class Problem:
     # -- phases -----------------------------------------------------------------------------------
     def _lists(self, cfg: tuning.Config, transpose: bool) -> tuple:
         return P.block_lists(self.mp, self.B, self.Hq, self.Lq, self.Lk, cfg.BM, cfg.BN, transpose,
-                             self.device).args()
+                             self.device, self.pos).args()
 
     def _phase_parts(self, name: str, cfg, extra: dict):
         """``(kernel, grid, constexprs, list arguments)`` of phase ``name`` at configuration ``cfg``: "fwd",
@@ -468,19 +473,20 @@ def _mask_key(mask) -> object:
 
 
 def problem(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale: float, need_grad: bool,
-            diff: bool = False) -> Problem:
+            diff: bool = False, pos=P.DEFAULT_POS) -> Problem:
     """The cached Problem of this call signature (validated and built on first use); ``diff``: q and k hold the
     two maps of differential attention in the halves of their head dim."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     return _problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D // 2 if diff else D, Dv, scale, q.dtype,
-                    q.device, need_grad, diff)
+                    q.device, need_grad, diff, pos)
 
 
 def _problem(mask, score_mod, normalizer, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
-             scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool) -> Problem:
+             scale: float, dtype: torch.dtype, device: torch.device, need_grad: bool, diff: bool,
+             pos=P.DEFAULT_POS) -> Problem:
     key = (_mask_key(mask), P.mods_key(score_mod), P.norm_key(normalizer), B, Hq, Hkv, Lq, Lk, D, Dv, scale,
-           dtype, device, need_grad, diff)
+           dtype, device, need_grad, diff, pos)
     pb = _problems.get(key)
     if pb is not None:
         _problems.move_to_end(key)
@@ -488,8 +494,8 @@ def _problem(mask, score_mod, normalizer, B: int, Hq: int, Hkv: int, Lq: int, Lk
     if score_mod is not None:
         score_mod.validate(Hq)
     normalizer.validate(Hq)
-    mask.validate(Geometry(B, Hq, Lq, Lk))
-    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, dtype, device, need_grad, diff)
+    mask.validate(Geometry(B, Hq, Lq, Lk, *pos))
+    pb = Problem(mask, score_mod, normalizer, B, Hq, Hkv, Lq, Lk, D, Dv, scale, dtype, device, need_grad, diff, pos)
     if diff and not (pb.norm.softmax and not pb.norm.has_sink and pb.norm.gamma == 0):
         raise P.Unsupported("differential attention with a normalizer other than plain softmax")
     with _problems_lock:
@@ -505,15 +511,16 @@ def _grad_problem(pb: Problem) -> Problem:
     if pb.need_grad or not torch.is_grad_enabled() or not any(t.requires_grad for t in pb.learnable_tensors):
         return pb
     return _problem(*pb.keep, pb.B, pb.Hq, pb.Hkv, pb.Lq, pb.Lk, pb.D, pb.Dv, pb.scale, pb.dtype, pb.device, True,
-                    pb.diff)
+                    pb.diff, pb.pos)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask, score_mod, normalizer, scale: float,
-              need_grad: bool, want_lse: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+              need_grad: bool, want_lse: bool = True, pos=P.DEFAULT_POS) -> Tuple[Tensor, Optional[Tensor]]:
     """Run the fused kernels on ``[B, H, L, D]`` tensors (views allowed); raises ``plan.Unsupported``.
+    ``pos = (q_offset, kv_offset)`` places the queries and keys (:class:`attnkit.masks.Geometry`).
 
     Returns ``(out, lse)`` with the natural-log lse for softmax-family normalizers when ``want_lse``."""
-    pb = _grad_problem(problem(q, k, v, mask, score_mod, normalizer, scale, need_grad))
+    pb = _grad_problem(problem(q, k, v, mask, score_mod, normalizer, scale, need_grad, pos=pos))
     if pb.need_grad:
         out, lse2 = FusedAttention.apply(pb, q, k, v, pb.dummy_f, *pb.learnable_tensors)
     else:  # nothing to differentiate: skip the autograd Function's bookkeeping (host time per call)

@@ -165,7 +165,7 @@ def _mask_plan(mask: M.Mask, B: int, device) -> MaskPlan:
             data.append(pl.to(torch.int64))
         elif leaf.kind == "document":
             ids = leaf.ids
-            p[0], p[1] = sum(t.numel() for t in data), (ids.shape[1] if ids.shape[0] > 1 else 0)
+            p[0], p[1], p[2] = sum(t.numel() for t in data), (ids.shape[1] if ids.shape[0] > 1 else 0), ids.shape[1]
             data.append(ids.reshape(-1).to(torch.int64))
         params[4 * i:4 * i + 4] = p
     maskd = torch.cat([t.cpu() for t in data]) if data else torch.zeros(1, dtype=torch.int64)
@@ -189,13 +189,18 @@ class Bitmap:
     bits: Tensor  # [n_slots * TILE * TILE // 32] int32
 
 
-def bitmap(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device) -> Bitmap:
-    return cached(mask, ("bitmap", B, H, Lq, Lk, str(device)), lambda: _bitmap(mask, B, H, Lq, Lk, device))
+#: default placement of queries and keys (:class:`attnkit.masks.Geometry`): ``(q_offset, kv_offset)``
+DEFAULT_POS = (None, 0)
 
 
-def _bitmap(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device) -> Bitmap:
-    g = M.Geometry(B, H, Lq, Lk)
-    state = _full_state(mask.block_map(B, H, Lq, Lk, TILE, TILE, device=device).state, Lq, Lk, TILE, TILE)
+def bitmap(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device, pos=DEFAULT_POS) -> Bitmap:
+    return cached(mask, ("bitmap", B, H, Lq, Lk, pos, str(device)), lambda: _bitmap(mask, B, H, Lq, Lk, device, pos))
+
+
+def _bitmap(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device, pos) -> Bitmap:
+    g = M.Geometry(B, H, Lq, Lk, *pos)
+    bm = mask.block_map(B, H, Lq, Lk, TILE, TILE, device=device, q_offset=pos[0], kv_offset=pos[1])
+    state = _full_state(bm.state, Lq, Lk, TILE, TILE)
     Bp, Hp, nq, nk = state.shape
     part = state == M.PARTIAL
     n_slots = int(part.sum())
@@ -245,21 +250,22 @@ class Lists:
 
 
 def block_lists(mp: MaskPlan, B: int, H: int, Lq: int, Lk: int, BM: int, BN: int, transpose: bool,
-                device) -> Lists:
+                device, pos=DEFAULT_POS) -> Lists:
     """Lists over key blocks per query block (``transpose``: over query blocks per key block)."""
-    key = ("lists", B, H, Lq, Lk, BM, BN, transpose, str(device))
-    return cached(mp.mask, key, lambda: _block_lists(mp, B, H, Lq, Lk, BM, BN, transpose, device))
+    key = ("lists", B, H, Lq, Lk, BM, BN, transpose, pos, str(device))
+    return cached(mp.mask, key, lambda: _block_lists(mp, B, H, Lq, Lk, BM, BN, transpose, device, pos))
 
 
-def _block_lists(mp: MaskPlan, B, H, Lq, Lk, BM, BN, transpose, device) -> Lists:
+def _block_lists(mp: MaskPlan, B, H, Lq, Lk, BM, BN, transpose, device, pos) -> Lists:
     nq, nk = -(-Lq // BM), -(-Lk // BN)
     if mp.mode == MODE_BITMAP:
-        base = bitmap(mp.mask, B, H, Lq, Lk, device).state
+        base = bitmap(mp.mask, B, H, Lq, Lk, device, pos).state
         st = base.repeat_interleave(TILE // BM, -2).repeat_interleave(TILE // BN, -1)[..., :nq, :nk].clone()
     elif mp.mode == MODE_NONE:
         st = torch.full((1, 1, nq, nk), M.FULL, dtype=torch.int8, device=device)
     else:
-        st = _full_state(mp.mask.block_map(B, H, Lq, Lk, BM, BN, device=device).state, Lq, Lk, BM, BN).clone()
+        bm = mp.mask.block_map(B, H, Lq, Lk, BM, BN, device=device, q_offset=pos[0], kv_offset=pos[1])
+        st = _full_state(bm.state, Lq, Lk, BM, BN).clone()
     full = torch.tensor(M.FULL, dtype=st.dtype, device=device)
     part = torch.tensor(M.PARTIAL, dtype=st.dtype, device=device)
     if Lk % BN:
@@ -293,11 +299,12 @@ def _one_full_run(st: Tensor) -> Tensor:
     return torch.where(full & ~in_run, torch.tensor(M.PARTIAL, dtype=st.dtype, device=st.device), st)
 
 
-def row_counts(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device) -> Tensor:
+def row_counts(mask: M.Mask, B: int, H: int, Lq: int, Lk: int, device, pos=DEFAULT_POS) -> Tensor:
     """Visible keys per query row, float32 ``[B', H', Lq]`` clamped to >= 1 (cached)."""
     def build():
-        return mask.row_counts(B, H, Lq, Lk, device=device).clamp(min=1).to(torch.float32).contiguous()
-    return cached(mask, ("counts", B, H, Lq, Lk, str(device)), build)
+        n = mask.row_counts(B, H, Lq, Lk, device=device, q_offset=pos[0], kv_offset=pos[1])
+        return n.clamp(min=1).to(torch.float32).contiguous()
+    return cached(mask, ("counts", B, H, Lq, Lk, pos, str(device)), build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,15 +470,16 @@ def per_head(t: Tensor, Hq: int, device, dtype) -> Tensor:
     return t.reshape(1).expand(Hq) if t.dim() == 0 or t.numel() == 1 else t.reshape(Hq)
 
 
-def relbias_lut(mod, Lq: int, Lk: int, device) -> Tuple[Tensor, int]:
-    """Bucket of every relative offset ``kv − q`` the kernels can meet (padding included): (lut, offset)."""
+def relbias_lut(mod, Lq: int, Lk: int, device, q0: int, k0: int) -> Tuple[Tensor, int]:
+    """Bucket of every relative offset ``kv − q`` the kernels can meet (padding rows and keys included), with
+    query row 0 at position ``q0`` and key 0 at ``k0``: ``(lut, offset)``, ``lut[kv − q + offset]``."""
     def build():  # on the inputs' device, as the reference computes it (log rounding at bucket edges)
-        lo = -(Lk + TILE)
-        hi = max(Lk, Lq) + TILE
+        lo = k0 - (q0 + Lq + TILE)
+        hi = k0 + Lk + TILE - q0
         rel = torch.arange(lo, hi + 1, dtype=torch.long, device=device)
         b = t5_bucket(rel, mod.num_buckets, mod.max_distance, mod.bidirectional)
         return b.to(torch.int32).contiguous(), -lo
-    key = ("rb", mod.num_buckets, mod.max_distance, mod.bidirectional, Lq, Lk, str(device))
+    key = ("rb", mod.num_buckets, mod.max_distance, mod.bidirectional, Lq, Lk, q0, k0, str(device))
     cache = _structural
     with _lock:
         if key in cache:

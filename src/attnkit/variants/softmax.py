@@ -41,12 +41,12 @@ class Call:
     halo_k: Tuple[int, int] = (0, 0)
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, score_mod: Optional[ScoreMod],
-                 normalizer: Normalizer, scale: float):
+                 normalizer: Normalizer, scale: float, q_offset: Optional[int] = None, kv_offset: int = 0):
         self.B, self.Hq, self.Lq, self.D = q.shape
         self.Hkv, self.Lk, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.Hq // self.Hkv
         self.mask, self.score_mod, self.normalizer, self.scale = mask, score_mod, normalizer, scale
-        self.geom = Geometry(self.B, self.Hq, self.Lq, self.Lk)
+        self.geom = Geometry(self.B, self.Hq, self.Lq, self.Lk, q_offset, kv_offset)
         self.device = q.device
         self.cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         mask.validate(self.geom)
@@ -54,15 +54,15 @@ class Call:
             score_mod.validate(self.Hq)
         normalizer.validate(self.Hq)
         need = (score_mod is not None and score_mod.needs_counts) or normalizer.needs_counts
-        self.counts = (mask.row_counts(self.B, self.Hq, self.Lq, self.Lk, device=self.device).to(self.cdtype)
-                       if need else None)
+        self.counts = (mask.row_counts(self.B, self.Hq, self.Lq, self.Lk, device=self.device, q_offset=q_offset,
+                                       kv_offset=kv_offset).to(self.cdtype) if need else None)
 
     # -- pieces of a block ------------------------------------------------------------------
     def idx(self, r0: int, r1: int, c0: int, c1: int) -> Idx:
         dev = self.device
         b, h, q, kv = index_grid(self.geom, dev, torch.arange(r0, r1, device=dev), torch.arange(c0, c1, device=dev))
         n = None if self.counts is None else self.counts[:, :, r0:r1, None]
-        return Idx(b, h, q, kv, n, self.Lq, self.Lk, self.Hq)
+        return Idx(b, h, q, kv, n, self.Lq, self.Lk, self.Hq, q0=self.geom.q0, k0=self.geom.k0)
 
     def mask_block(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         dev = self.device
@@ -174,7 +174,8 @@ def _dense_rows(call: Call, q, k, v, r0: int, r1: int, k_end: int):
 
 def check_no_lookahead(mask: Mask, g: Geometry, device) -> None:
     """ValueError unless every visible key is at or before its query (needed for decoding)."""
-    bm = (mask & ~causal).block_map(g.B, g.H, g.Lq, g.Lk, 256, 256, device=device)
+    bm = (mask & ~causal).block_map(g.B, g.H, g.Lq, g.Lk, 256, 256, device=device, q_offset=g.q_off,
+                                    kv_offset=g.kv_off)
     if bm.num_empty != bm.state.numel():
         raise ValueError(f"the recurrent form needs a mask without look-ahead (every visible key at or before "
                          f"its query, e.g. causal, sliding_window(left, 0), chunked(1), prefix-free); got {mask!r}. "
@@ -190,18 +191,26 @@ def _empty_lse(call: Call, q: Tensor) -> Tensor:
     return sink.expand(call.B, call.Hq, 1, 1).reshape(call.B, call.Hq, 1)
 
 
+def _connected_zeros(q: Tensor, k: Tensor, v: Tensor, shape) -> Tensor:
+    """Exact zeros of ``shape`` that stay in the autograd graph of q, k, v (zero gradients, never NaN: a select,
+    not a product), so an output whose rows all see no key can still be backpropagated."""
+    off = torch.zeros((), dtype=torch.bool, device=q.device)
+    z = sum(torch.where(off, t.reshape(-1)[:1], 0).sum() for t in (q, k, v))
+    return q.new_zeros(shape) + z
+
+
 def recurrent(call: Call, q: Tensor, k: Tensor, v: Tensor):
     """Token by token: query row i (position p = i + Lk − Lq) attends over a cache of keys [0, p].
 
     Returns ``(out, lse or None)``. Memory O(Lk) per step; this is the decoding path.
     """
     check_no_lookahead(call.mask, call.geom, call.device)
-    off = call.Lk - call.Lq
+    off = call.geom.offset  # key j is at or before row i iff j <= i + off
     outs, lses = [], []
     for i in range(call.Lq):
         n_keys = min(max(i + off + 1, 0), call.Lk)
         if n_keys == 0:  # an empty cache: zeros, and lse = log(exp(sink)) or -inf
-            outs.append(q.new_zeros(call.B, call.Hq, 1, call.Dv))
+            outs.append(_connected_zeros(q, k, v, (call.B, call.Hq, 1, call.Dv)))
             lses.append(_empty_lse(call, q))
             continue
         o, lse, _ = _dense_rows(call, q, k, v, i, i + 1, n_keys)
@@ -219,7 +228,9 @@ class _Plan:
     """Which key blocks each query block visits, and which need no element mask."""
 
     def __init__(self, call: Call, block_q: int, block_k: int):
-        bm = call.mask.block_map(call.B, call.Hq, call.Lq, call.Lk, block_q, block_k, device=call.device)
+        g = call.geom
+        bm = call.mask.block_map(call.B, call.Hq, call.Lq, call.Lk, block_q, block_k, device=call.device,
+                                 q_offset=g.q_off, kv_offset=g.kv_off)
         st = bm.state
         self.block_q, self.block_k = block_q, block_k
         self.visit = (st != EMPTY).any(0).any(0).cpu()  # [nq, nk]

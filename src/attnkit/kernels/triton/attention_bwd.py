@@ -52,7 +52,7 @@ def attn_bwd_pre(O, OS, DO, DLSE, DELTA, LAM, Lq, DV, scale_o, stride_dob, strid
 
 
 @triton.jit
-def _bwd_weights(qk, qrow, qpos, kpos, b, h, lse2, logn, inv_n, nbias, tile,
+def _bwd_weights(qk, qrow, qpos, kidx, kpos, b, h, lse2, logn, inv_n, nbias, tile,
                  MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
                  MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
                  MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
@@ -67,7 +67,7 @@ def _bwd_weights(qk, qrow, qpos, kpos, b, h, lse2, logn, inv_n, nbias, tile,
                                 FAST_TANH)
     vis = True
     if MASKED:
-        vis = mask_tile(qrow, qpos, kpos, b, Lq, Lk, MASKP, MASKD, BITS, tile, MASK_MODE, MASK_LEAVES, N_LEAVES,
+        vis = mask_tile(qrow, qpos, kidx, kpos, b, Lq, Lk, MASKP, MASKD, BITS, tile, MASK_MODE, MASK_LEAVES, N_LEAVES,
                         MASK_TT)
     if NORM == N_SOFTMAX:
         if MODS == 0:
@@ -118,9 +118,9 @@ def _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos, kpos, b, h, delta, logn, M
 
 
 @triton.jit
-def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, start_m, k0, kpos, b,
-                h, pid_bh, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
-                MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, start_m, k0, kidx,
+                kpos, b, h, pid_bh, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd, stride_dom, stride_dod,
+                MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, QOFF, D, DV, scale,
                 MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
                 MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
                 PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
@@ -129,7 +129,7 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
                 BM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
     offs_m = start_m + tl.arange(0, BM)
     row_ok = offs_m < Lq
-    qpos = offs_m + (Lk - Lq)
+    qpos = offs_m + QOFF
     row = pid_bh.to(tl.int64) * Lq + offs_m
     qT = load_tile(Q + qoff + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, row_ok[None, :],
                    (offs_d < D)[:, None], MASKED, not EVEN_D)
@@ -144,7 +144,8 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
     qkT = tl.dot(k, qT, input_precision=DOT_PREC, out_dtype=ACC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
     wT, dwT, s0, s1, s2, s3, s4, vis = _bwd_weights(
-        qkT, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2[None, :], logn[None, :], inv_n[None, :],
+        qkT, offs_m[None, :], qpos[None, :], kidx[:, None], kpos[:, None], b, h, lse2[None, :], logn[None, :],
+        inv_n[None, :],
         nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
         MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
     if DIFF:  # map 2: keys and queries from the upper halves; dV takes the weights A1 − λ·A2
@@ -153,7 +154,7 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
         lse2b, deltab = row_softmax_stats(LSE + NROWS, DELTA + NROWS, row, row_ok, NORM, ACC, BM)
         qkT2 = tl.dot(k2, qT2, input_precision=DOT_PREC, out_dtype=ACC)
         wT2, dwT2, t0, t1, t2, t3, t4, _ = _bwd_weights(
-            qkT2, offs_m[None, :], qpos[None, :], kpos[:, None], b, h, lse2b[None, :], logn[None, :],
+            qkT2, offs_m[None, :], qpos[None, :], kidx[:, None], kpos[:, None], b, h, lse2b[None, :], logn[None, :],
             inv_n[None, :], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
             MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
         wT = wT - lam * wT2
@@ -195,18 +196,19 @@ def _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos, kpos, RBL, RB_OFF, MODS: 
 @triton.jit
 def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, logn, inv_n, kbase, vbase, start_n,
               q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn, stride_vd,
-              MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+              MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, KOFF, D, DV, scale,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
               MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr,
               PW2: tl.constexpr, PW3: tl.constexpr, DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr,
               DPW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
               FAST_TANH: tl.constexpr, PGRAD: tl.constexpr, NBP: tl.constexpr, ACC: tl.constexpr,
               DOT_PREC: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr):
-    kpos = start_n + tl.arange(0, BN)
-    col_ok = kpos < Lk
-    kT = load_tile(kbase + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
+    kidx = start_n + tl.arange(0, BN)
+    kpos = kidx + KOFF
+    col_ok = kidx < Lk
+    kT = load_tile(kbase + kidx[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
                    (offs_d < D)[:, None], MASKED, not EVEN_D)
-    vT = load_tile(vbase + kpos[None, :] * stride_vn + offs_dv[:, None] * stride_vd, col_ok[None, :],
+    vT = load_tile(vbase + kidx[None, :] * stride_vn + offs_dv[:, None] * stride_vd, col_ok[None, :],
                    (offs_dv < DV)[:, None], MASKED, not EVEN_DV)
     tile = 0
     if MASKED:
@@ -215,7 +217,8 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
     qk = tl.dot(q, kT, input_precision=DOT_PREC, out_dtype=ACC)
     dp = tl.dot(do, vT, input_precision=DOT_PREC, out_dtype=ACC)
     _, dw, s0, s1, s2, s3, s4, vis = _bwd_weights(
-        qk, offs_m[:, None], qpos[:, None], kpos[None, :], b, h, lse2[:, None], logn[:, None], inv_n[:, None],
+        qk, offs_m[:, None], qpos[:, None], kidx[None, :], kpos[None, :], b, h, lse2[:, None], logn[:, None],
+        inv_n[:, None],
         nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale, MASKED, MASK_MODE,
         MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
     g, d0, d1, d2, d3, gn = _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos[:, None], kpos[None, :], b, h,
@@ -226,11 +229,11 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
         pacc, rbacc = _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos[:, None], kpos[None, :], RBL, RB_OFF, MODS,
                                   NBP)
     if DIFF:  # map 2 (upper halves of q and k; its dO is −λ·dO, see _dkdv_block)
-        kT2 = load_tile(kbase + D * stride_kd + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kT2 = load_tile(kbase + D * stride_kd + kidx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                         col_ok[None, :], (offs_d < D)[:, None], MASKED, not EVEN_D)
         qk2 = tl.dot(q2, kT2, input_precision=DOT_PREC, out_dtype=ACC)
         _, dw2, t0, t1, t2, t3, t4, _ = _bwd_weights(
-            qk2, offs_m[:, None], qpos[:, None], kpos[None, :], b, h, lse2b[:, None], logn[:, None],
+            qk2, offs_m[:, None], qpos[:, None], kidx[None, :], kpos[None, :], b, h, lse2b[:, None], logn[:, None],
             inv_n[:, None], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
             MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
         g2, e0, e1, e2, e3, gn2 = _bwd_grads(dp * (-lam), dw2, t0, t1, t2, t3, t4, vis, qpos[:, None],
@@ -252,7 +255,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
              LCNT1, LIDX1, ls1_b, ls1_h, NLIST1,
              LCNT2, LIDX2, ls2_b, ls2_h, NLIST2,
              CNT, cs_b, cs_h, MASKP, MASKD, BITS, BLUT, bl_b, bl_h, NK128,
-             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
+             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, QOFF, KOFF, D, DV, scale,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
              DPW0: tl.constexpr, DPW1: tl.constexpr, DPW2: tl.constexpr, DPW3: tl.constexpr,
@@ -287,13 +290,14 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
         is_kv = pid0 < NKV
     if is_kv:
         j = pid0
-        kpos = j * BN1 + tl.arange(0, BN1)
-        k = load_rows(K, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
-        v = load_rows(V, b, hk, kpos, offs_dv, stride_vb, stride_vh, stride_vn, stride_vd, Lk, DV)
+        kidx = j * BN1 + tl.arange(0, BN1)
+        kpos = kidx + KOFF
+        k = load_rows(K, b, hk, kidx, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
+        v = load_rows(V, b, hk, kidx, offs_dv, stride_vb, stride_vh, stride_vn, stride_vd, Lk, DV)
         dk = tl.zeros([BN1, BD], dtype=ACC)
         dv = tl.zeros([BN1, BDV], dtype=ACC)
         if DIFF:
-            k2 = load_rows(K + D * stride_kd, b, hk, kpos, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
+            k2 = load_rows(K + D * stride_kd, b, hk, kidx, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, Lk, D)
             dk2 = tl.zeros([BN1, BD], dtype=ACC)
         else:  # placeholders the compiler drops
             k2 = k
@@ -318,13 +322,13 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
                     i = nth_block(LIDX1, lrow, t, i0, part == 0)
                     dk, dv, dk2 = _dkdv_block(
                         dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_base, qoff, dooff, i * BM1,
-                        j * BN1, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
+                        j * BN1, kidx, kpos, b, h, b * HQ + h, blut, offs_d, offs_dv, nbias, stride_qm, stride_qd,
                         stride_dom, stride_dod, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk,
-                        D, DV, scale, part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3,
+                        QOFF, D, DV, scale, part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3,
                         DPW0, DPW1, DPW2, DPW3, NORM, RELAXED, DIFF, COUNTS, FAST_TANH, ACC, DOT_PREC, BM1,
                         EVEN_D, EVEN_DV)
-        col_ok = kpos < Lk
-        base = pid.to(tl.int64) * Lk + kpos
+        col_ok = kidx < Lk
+        base = pid.to(tl.int64) * Lk + kidx
         dk_mask = col_ok[:, None] & (offs_d < D)[None, :]
         tl.store(DK + base[:, None] * DQK + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
         if DIFF:
@@ -341,7 +345,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
         offs_m = i * BM2 + tl.arange(0, BM2)
         q0 = i * BM2
         row_ok = offs_m < Lq
-        qpos = offs_m + (Lk - Lq)
+        qpos = offs_m + QOFF
         q = load_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
         do = load_rows(DO, b, h, offs_m, offs_dv, stride_dob, stride_doh, stride_dom, stride_dod, Lq, DV)
         row = pid_bh.to(tl.int64) * Lq + offs_m
@@ -376,7 +380,7 @@ def attn_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, PART, RBPART,
                 dq, dq2, pacc, rbacc = _dq_block(
                     dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, logn, inv_n, kbase, vbase,
                     j * BN2, q0, offs_m, qpos, b, h, blut, offs_d, offs_dv, nbias, stride_kn, stride_kd, stride_vn,
-                    stride_vd, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+                    stride_vd, MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, KOFF, D, DV, scale,
                     part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, DPW0, DPW1,
                     DPW2, DPW3, NORM, RELAXED, DIFF, FAST_TANH, PGRAD, NBP, ACC, DOT_PREC, BN2, EVEN_D, EVEN_DV)
         dq_mask = row_ok[:, None] & (offs_d < D)[None, :]

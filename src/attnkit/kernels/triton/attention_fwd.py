@@ -50,17 +50,18 @@ def _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, 
 @triton.jit
 def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n, q0, offs_m, qpos, offs_n, offs_d,
                offs_dv, b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
-               MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+               MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, KOFF, D, DV, scale,
                MASKED: tl.constexpr, MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr,
                MASK_TT: tl.constexpr, MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr,
                PW3: tl.constexpr, NORM: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
                FAST_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BN: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, SCALE_NEG: tl.constexpr):
-    kpos = start_n + offs_n
-    col_ok = kpos < Lk
-    kT = load_tile(kbase + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
+    kidx = start_n + offs_n
+    kpos = kidx + KOFF
+    col_ok = kidx < Lk
+    kT = load_tile(kbase + kidx[None, :] * stride_kn + offs_d[:, None] * stride_kd, col_ok[None, :],
                    (offs_d < D)[:, None], MASKED, not EVEN_D)
-    v = load_tile(vbase + kpos[:, None] * stride_vn + offs_dv[None, :] * stride_vd, col_ok[:, None],
+    v = load_tile(vbase + kidx[:, None] * stride_vn + offs_dv[None, :] * stride_vd, col_ok[:, None],
                   (offs_dv < DV)[None, :], MASKED, not EVEN_DV)
     qk = tl.dot(q, kT, input_precision=DOT_PREC, out_dtype=ACC)
     vis = True
@@ -68,14 +69,15 @@ def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n,
         tile = 0
         if MASK_MODE == MODE_BITMAP:
             tile = tl.load(blut + (q0 // 128) * NK128 + start_n // 128)
-        vis = mask_tile(offs_m[:, None], qpos[:, None], kpos[None, :], b, Lq, Lk, MASKP, MASKD, BITS, tile,
+        vis = mask_tile(offs_m[:, None], qpos[:, None], kidx[None, :], kpos[None, :], b, Lq, Lk, MASKP, MASKD, BITS,
+                        tile,
                         MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT)
     if NORM == N_SOFTMAX:
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, RBL, RB_OFF,
                                       HQ, scale, MASKED, MODS, PW0, PW1, PW2, PW3, FAST_TANH, ACC, DOT_PREC,
                                       SCALE_NEG)
         if DIFF:  # the second map: its own keys (the upper half of K's head dim), the same V tile and mask
-            kT2 = load_tile(kbase + D * stride_kd + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            kT2 = load_tile(kbase + D * stride_kd + kidx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                             col_ok[None, :], (offs_d < D)[:, None], MASKED, not EVEN_D)
             qk2 = tl.dot(q2, kT2, input_precision=DOT_PREC, out_dtype=ACC)
             acc2, m2, l2 = _softmax_step(acc2, m2, l2, qk2, v, vis, qpos, kpos, b, h, logn, MODF, RBT, RBL, RB_OFF,
@@ -112,7 +114,7 @@ def attn_fwd(Q, K, V, O, LSE, OS,
              stride_vb, stride_vh, stride_vn, stride_vd,
              LCNT, LIDX, ls_b, ls_h, NLIST,
              CNT, cs_b, cs_h, MASKP, MASKD, BITS, BLUT, bl_b, bl_h, NK128,
-             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, D, DV, scale,
+             MODF, RBT, RBL, RB_OFF, NORMF, LAM, GAMMA, HQ, G, Lq, Lk, QOFF, KOFF, D, DV, scale,
              MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr,
              MODS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr,
              NORM: tl.constexpr, HAS_SINK: tl.constexpr, RELAXED: tl.constexpr, DIFF: tl.constexpr,
@@ -130,7 +132,7 @@ def attn_fwd(Q, K, V, O, LSE, OS,
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     row_ok = offs_m < Lq
-    qpos = offs_m + (Lk - Lq)
+    qpos = offs_m + QOFF
     q = load_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, Lq, D)
     kbase = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     vbase = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -166,7 +168,7 @@ def attn_fwd(Q, K, V, O, LSE, OS,
             acc, m_i, l_i, acc_u, acc2, m2, l2 = _fwd_block(
                 acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, j * BN, q0, offs_m, qpos, offs_n, offs_d,
                 offs_dv, b, h, logn, inv_n, nbias, blut, stride_kn, stride_kd, stride_vn, stride_vd,
-                MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, D, DV, scale,
+                MASKP, MASKD, BITS, NK128, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, KOFF, D, DV, scale,
                 part == 1, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED,
                 DIFF, FAST_TANH, ACC, DOT_PREC, BN, EVEN_D, EVEN_DV, SCALE_NEG)
     row = pid_bh.to(tl.int64) * Lq + offs_m

@@ -14,7 +14,9 @@ Codes (host side: :mod:`attnkit.kernels.plan`):
   ``PWi`` and, in the backward, its derivative ``DPWi``).
 * normalizer ``NORM``: 0 softmax family, 1 sigmoid, 2 relu, 3 relu², 4 none.
 
-Positions follow :mod:`attnkit.masks`: query row ``r`` sits at ``qpos = r + Lk - Lq``.
+Positions follow :mod:`attnkit.masks`: query row ``r`` sits at ``qpos = r + QOFF``, key ``j`` at ``kpos = j + KOFF``
+(by default ``QOFF = Lk − Lq``, ``KOFF = 0``); bounds and bitmaps use the row / key indices, masks and score
+mods the positions.
 All helpers take broadcastable row / column vectors, so the same code serves ``[M, N]`` tiles
 (forward, dQ) and transposed ``[N, M]`` tiles (dK/dV).
 """
@@ -153,8 +155,9 @@ def _floordiv(x, c):
 
 
 @triton.jit
-def mask_leaf(KIND: tl.constexpr, LEAF: tl.constexpr, qpos, kpos, b, Lk, MASKP, MASKD):
-    """Visibility of one built-in mask leaf; ``MASKP[4*LEAF:4*LEAF+4]`` holds its int parameters."""
+def mask_leaf(KIND: tl.constexpr, LEAF: tl.constexpr, qpos, kpos, b, MASKP, MASKD):
+    """Visibility of one built-in mask leaf at positions ``qpos``, ``kpos``; ``MASKP[4*LEAF:4*LEAF+4]`` holds its
+    int parameters."""
     prm = MASKP + LEAF * 4
     if KIND == K_FULL:
         vis = (qpos * 0 + kpos * 0) == 0
@@ -173,37 +176,39 @@ def mask_leaf(KIND: tl.constexpr, LEAF: tl.constexpr, qpos, kpos, b, Lk, MASKP, 
         vis = (kpos < tl.load(prm)) | (qpos * 0 + kpos * 0 != 0)
     elif KIND == K_DILATED:
         vis = ((qpos - kpos) % tl.load(prm)) == 0
-    else:  # K_DOCUMENT: ids[b', pos] for every key position
+    else:  # K_DOCUMENT: ids[b', pos] for every position (length prm[2]); out-of-range rows / keys are masked anyway
         base = MASKD + tl.load(prm) + b * tl.load(prm + 1)
-        qc = tl.minimum(tl.maximum(qpos, 0), Lk - 1)
-        kc = tl.minimum(kpos, Lk - 1)
+        last = tl.load(prm + 2) - 1
+        qc = tl.minimum(tl.maximum(qpos, 0), last)
+        kc = tl.minimum(tl.maximum(kpos, 0), last)
         vis = tl.load(base + qc) == tl.load(base + kc)
     return vis
 
 
 @triton.jit
-def mask_tile(qrow, qpos, kpos, b, Lq, Lk, MASKP, MASKD, BITS, tile,
+def mask_tile(qrow, qpos, kidx, kpos, b, Lq, Lk, MASKP, MASKD, BITS, tile,
               MASK_MODE: tl.constexpr, MASK_LEAVES: tl.constexpr, N_LEAVES: tl.constexpr, MASK_TT: tl.constexpr):
-    """Exact visibility of a tile (in-bounds and allowed by the mask); ``qrow``/``kpos`` broadcastable.
+    """Exact visibility of a tile (in-bounds and allowed by the mask); row / key indices ``qrow``, ``kidx`` and
+    positions ``qpos``, ``kpos`` broadcastable.
 
     ``tile`` is the bitmap slot of this 128x128 tile (bitmap mode only).
     """
-    vis = (qrow < Lq) & (kpos < Lk)
+    vis = (qrow < Lq) & (kidx < Lk)
     if MASK_MODE == MODE_LEAVES:
-        v0 = mask_leaf(MASK_LEAVES & 15, 0, qpos, kpos, b, Lk, MASKP, MASKD)
+        v0 = mask_leaf(MASK_LEAVES & 15, 0, qpos, kpos, b, MASKP, MASKD)
         if (N_LEAVES == 1) & (MASK_TT == 2):  # the single leaf itself
             vis = vis & v0
         else:
             code = v0.to(tl.int32)
             if N_LEAVES > 1:
-                code += mask_leaf((MASK_LEAVES >> 4) & 15, 1, qpos, kpos, b, Lk, MASKP, MASKD).to(tl.int32) * 2
+                code += mask_leaf((MASK_LEAVES >> 4) & 15, 1, qpos, kpos, b, MASKP, MASKD).to(tl.int32) * 2
             if N_LEAVES > 2:
-                code += mask_leaf((MASK_LEAVES >> 8) & 15, 2, qpos, kpos, b, Lk, MASKP, MASKD).to(tl.int32) * 4
+                code += mask_leaf((MASK_LEAVES >> 8) & 15, 2, qpos, kpos, b, MASKP, MASKD).to(tl.int32) * 4
             if N_LEAVES > 3:
-                code += mask_leaf((MASK_LEAVES >> 12) & 15, 3, qpos, kpos, b, Lk, MASKP, MASKD).to(tl.int32) * 8
+                code += mask_leaf((MASK_LEAVES >> 12) & 15, 3, qpos, kpos, b, MASKP, MASKD).to(tl.int32) * 8
             vis = vis & (((MASK_TT >> code) & 1) != 0)
     elif MASK_MODE == MODE_BITMAP:  # tile < 0: a FULL tile listed as partial only for its ragged edge
-        col = kpos % BITMAP_TILE
+        col = kidx % BITMAP_TILE
         word = tl.load(BITS + tile * (BITMAP_TILE * BITMAP_TILE // 32) + (qrow % BITMAP_TILE) * (BITMAP_TILE // 32)
                        + col // 32, mask=vis & (tile >= 0), other=-1)
         vis = vis & (((word >> (col % 32)) & 1) != 0)

@@ -1,0 +1,1 @@
+"""attnkit.ops: one folder per mechanism (reference forms beside their kernels)."""

@@ -1,0 +1,1 @@
+"""attnkit.ops.linear: the linear / recurrent family (reference forms and triton/ kernels)."""

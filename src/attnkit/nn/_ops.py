@@ -18,14 +18,35 @@ AarenState = _ak.AarenState
 LogLinearState = _ak.LogLinearState
 
 
-def _public(name: str, module: str):
+def _public(name: str, *modules: str):
+    """``attnkit.<name>``, else the first of ``modules`` (old and new homes during the package move) that has it."""
     fn = getattr(_ak, name, None)
-    return fn if fn is not None else getattr(importlib.import_module(module), name)
+    for module in modules:
+        if fn is not None:
+            break
+        try:
+            fn = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+    if fn is None:
+        raise ImportError(f"attnkit exports no {name} (looked in attnkit and {', '.join(modules)})")
+    return fn
 
 
-differential_attention = _public("differential_attention", "attnkit.variants.differential")
-multi_token_attention = _public("multi_token_attention", "attnkit.variants.multitoken")
-simplicial_attention = _public("simplicial_attention", "attnkit.variants.simplicial")
+differential_attention = _public("differential_attention", "attnkit.variants.differential",
+                                 "attnkit.dispatch.differential")
+multi_token_attention = _public("multi_token_attention", "attnkit.variants.multitoken",
+                                "attnkit.ops.multitoken.reference", "attnkit.ops.multitoken")
+simplicial_attention = _public("simplicial_attention", "attnkit.variants.simplicial",
+                               "attnkit.ops.simplicial.reference", "attnkit.ops.simplicial")
+
+
+def catalog(family: str):
+    """Every registered variant of ``family`` (the catalog listing, wherever the package exports it)."""
+    listing = getattr(_ak, "variants", None)
+    if not callable(listing):
+        listing = _public("variants", "attnkit.catalog", "attnkit.catalog.registry", "attnkit.registry")
+    return listing(family)
 
 
 def variant_pieces(variant, n_heads: int, n_kv_heads: int, head_dim: int) -> dict:
@@ -38,6 +59,5 @@ def variant_pieces(variant, n_heads: int, n_kv_heads: int, head_dim: int) -> dic
     if callable(pieces):
         got = pieces(n_heads)
     else:
-        from attnkit.registry import Spec  # noqa: WPS433  (the Spec of the public Variant contract)
-        got = variant.make_inputs(Spec(B=1, Hq=n_heads, Hkv=n_kv_heads, Lq=1, Lk=1, D=head_dim, Dv=head_dim))
+        got = variant.make_inputs(_ak.Spec(B=1, Hq=n_heads, Hkv=n_kv_heads, Lq=1, Lk=1, D=head_dim, Dv=head_dim))
     return {"score_mod": got.get("score_mod"), "normalizer": got.get("normalizer")}

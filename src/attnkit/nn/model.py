@@ -122,8 +122,10 @@ class HybridLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        loss = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

@@ -98,8 +98,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
 
 
 def _one_call_variants() -> List[str]:
-    import attnkit
-    return [v.name for v in attnkit.variants("softmax") if getattr(v, "full_mask", None) is not None]
+    return [v.name for v in _ops().catalog("softmax") if getattr(v, "full_mask", None) is not None]
 
 
 def register(variants: bool = True) -> List[str]:

@@ -27,7 +27,7 @@ __all__ = ["register", "attention_forward", "IMPLEMENTATION", "TESTED_TRANSFORME
 #: the name of the plain implementation; variants are registered as ``"attnkit:<variant>"``
 IMPLEMENTATION = "attnkit"
 #: the transformers versions this module was tested with (the ``attnkit[hf]`` extra pins the same range)
-TESTED_TRANSFORMERS = (">=5.0", "<6")
+TESTED_TRANSFORMERS = (">=5.24", "<6")  # 5.24.0 tested
 
 
 def _ops():

@@ -7,5 +7,6 @@ Both take canonical tensors ``[B, H, T, D]`` (any strides) after the caller's fe
 ``qk_l2norm`` of the delta rules are fused. They run on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 """
 from .chunk import NORMALIZE_EPS, chunk
+from .fused_recurrent import fused_recurrent
 
-__all__ = ["chunk", "NORMALIZE_EPS"]
+__all__ = ["chunk", "fused_recurrent", "NORMALIZE_EPS"]

@@ -135,17 +135,14 @@ def test_hybrid_packed_equals_separate():
 
 
 def test_dynamo_graph_breaks_only_inside_linear_op_validation():
-    """torch._dynamo.explain on a tiny model with the reference backend: softmax layers trace with no graph
-    break; every break of a linear layer is the linear op's data-dependent input validation (attnkit's
-    ``variants/linear`` checks of gate / beta values), none in attnkit.nn."""
+    """torch._dynamo.explain on a tiny "LA" model with the reference backend: every graph break is the linear
+    op's data-dependent input validation (attnkit's linear-family checks of gate / beta values); none is in
+    attnkit.nn and none in the softmax layer (which therefore traces as one graph)."""
     torch._dynamo.reset()
-    ids = torch.randint(0, 32, (1, 8))
-    att = HybridLM(HybridConfig(vocab_size=32, d_model=16, n_heads=2, layers="AA", attention={"backend": "reference"}))
-    ex = torch._dynamo.explain(att)(ids)
-    assert ex.graph_break_count == 0, [str(r.reason)[:200] for r in ex.break_reasons]
-    hyb = HybridLM(HybridConfig(vocab_size=32, d_model=16, n_heads=2, layers="LA", attention={"backend": "reference"}))
-    ex = torch._dynamo.explain(hyb)(ids)
-    where = [r.user_stack[-1].filename.replace("\\", "/") for r in ex.break_reasons if r.user_stack]
-    assert where and all("attnkit/variants/linear" in w or "attnkit/ops/linear" in w for w in where), where
-    assert not any("attnkit/nn/" in w for w in where)
+    hyb = HybridLM(HybridConfig(vocab_size=16, d_model=8, n_heads=2, layers="LA", attention={"backend": "reference"}))
+    ex = torch._dynamo.explain(hyb)(torch.randint(0, 16, (1, 4)))
+    assert len(ex.break_reasons) <= ex.graph_break_count  # 0 once the linear ops stop breaking the graph
+    assert all(r.user_stack for r in ex.break_reasons)
+    where = [r.user_stack[-1].filename.replace("\\", "/") for r in ex.break_reasons]
+    assert all("attnkit/variants/linear" in w or "attnkit/ops/linear" in w for w in where), where
     torch._dynamo.reset()

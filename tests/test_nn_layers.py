@@ -342,7 +342,8 @@ def ref_linear_layer(layer: LinearAttention, x):
     o = torch.stack(outs, 1)  # [B, T, H, dv]
     o = ref_rms(o, layer.o_norm.weight, layer.o_norm.eps)
     if layer.g_proj is not None:
-        o = o * F.silu(x @ layer.g_proj.weight.T).view(B, T, H, dv)
+        gx = (x @ layer.g_proj.weight.T).view(B, T, H, dv)
+        o = o * (torch.sigmoid(gx) if rule == "kda" else F.silu(gx))  # Kimi Linear gates with a sigmoid
     return o.reshape(B, T, H * dv) @ layer.o_proj.weight.T
 
 

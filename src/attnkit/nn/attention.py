@@ -67,7 +67,9 @@ class Attention(nn.Module):
             objects or names); the mask is ANDed with causal (``causal=True``) or full.
         variant: a registered softmax-family variant name (``"alibi"``, ``"softmax-sink"``, ``"ssmax"``, …)
             instead of score_mod / normalizer; its learnable pieces become this layer's parameters and any mask
-            it adds is built per call (masks sized by the key length follow the keys seen in that call).
+            it adds is built per call (masks sized by the key length follow the keys seen in that call). The
+            pieces start from the catalog's own initialization where the catalog exposes ``Variant.pieces``,
+            else from the learnable pieces it builds for its checks (``make_inputs``: random values).
         causal: decoder (True) or encoder (False) attention.
         rope: None/False, True (standard), a dict (``base``, ``fraction``, ``scaling``) or a RotaryEmbedding.
         qk_norm: per-head RMSNorm of q and k before RoPE. output_gate: sigmoid gate on the attention output.

@@ -4,7 +4,7 @@ published layers (fla's ``fla.layers``, Mamba-2, GLA, Gated DeltaNet, Kimi Linea
     q, k, v = silu(conv₄(x W_q)), silu(conv₄(x W_k)), silu(conv₄(x W_v))   (short causal depthwise convolution)
     gate / β from x with the rule's parameterization (below)
     o, S = linear_attention(q, k, v; rule, gate, β, initial_state=S)      (chunk form; recurrent when decoding)
-    y = (RMSNorm(o) ⊙ silu(x W_g)) W_o                                    (per-head output norm and gate)
+    y = (RMSNorm(o) ⊙ act(x W_g)) W_o            (per-head output norm and gate; act = silu, sigmoid for KDA)
 
 Gate parameterizations (log decays ``g = log α ≤ 0``):
 
@@ -99,7 +99,8 @@ class LinearAttention(nn.Module):
     Args:
         d_model: model width. n_heads: heads. rule: one of :data:`RULES`.
         head_dim: key dim per head (default d_model // n_heads). head_dim_v: value dim (default head_dim).
-        conv_size: short convolution width (0 = none). output_gate: ``silu(x W_g)`` gate on the normed output.
+        conv_size: short convolution width (0 = none). output_gate: ``act(x W_g)`` gate on the normed output;
+            gate_activation: ``act``, default ``"sigmoid"`` for kda (Kimi Linear), ``"silu"`` otherwise.
         feature_map, normalize: for the additive rules (``linear`` …), passed to the op.
         base, num_levels: log_linear's base rule (default ``gated_delta``) and number of Fenwick levels.
         gate_rank: GLA's low-rank gate width (16). chunk_size, form, backend: passed to the op (form for
@@ -112,7 +113,7 @@ class LinearAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, rule: str = "gated_delta", *, head_dim: Optional[int] = None,
                  head_dim_v: Optional[int] = None, conv_size: int = 4, output_gate: bool = True,
                  feature_map=None, normalize: bool = False, base: Optional[str] = None, num_levels: int = 16,
-                 gate_rank: int = 16, chunk_size: int = 64, form: str = "chunk", backend: str = "reference",
+                 gate_rank: int = 16, gate_activation: Optional[str] = None, chunk_size: int = 64, form: str = "chunk", backend: str = "reference",
                  layer_idx: int = 0, num_layers: int = 1, norm_eps: float = 1e-6):
         super().__init__()
         if rule not in RULES:
@@ -157,7 +158,8 @@ class LinearAttention(nn.Module):
         self.b_proj = nn.Linear(d_model, H, bias=False) if eff in _DELTA else None
         self.l_proj = nn.Linear(d_model, H * num_levels, bias=False) if rule == "log_linear" else None
         self.g_proj = nn.Linear(d_model, H * dv, bias=False) if output_gate else None
-        self.o_norm = GatedRMSNorm(dv, norm_eps) if output_gate else RMSNorm(dv, norm_eps)
+        act = gate_activation or ("sigmoid" if eff == "kda" else "silu")
+        self.o_norm = GatedRMSNorm(dv, norm_eps, activation=act) if output_gate else RMSNorm(dv, norm_eps)
         self.o_proj = nn.Linear(H * dv, d_model, bias=False)
 
     def gates(self, x: Tensor):

@@ -36,7 +36,13 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """``y = RMSNorm(x) · silu(g)``: the output norm and gate of Mamba-2, GLA, Gated DeltaNet and KDA layers."""
+    """``y = RMSNorm(x) · act(g)``, ``act`` = silu (Mamba-2, GLA, Gated DeltaNet) or sigmoid (Kimi Linear's KDA)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True, activation: str = "silu"):
+        super().__init__(dim, eps, affine)
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"gate activation must be 'silu' or 'sigmoid', got {activation!r}")
+        self.activation = activation
 
     def forward(self, x: Tensor, g: Tensor) -> Tensor:
-        return super().forward(x) * F.silu(g)
+        return super().forward(x) * (F.silu(g) if self.activation == "silu" else torch.sigmoid(g))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -115,11 +114,11 @@ def run_cell(name: str, pattern: str, kind: str, a, dev, dtype) -> Dict:
         step_fn = model if not a.compile else torch.compile(model)
         ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
 
-        def step():
+        def step(optim=opt):
             _, loss = step_fn(ids, labels=ids)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
             return loss
 
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ preallocated / paged caches and eviction policies implement the same methods.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor

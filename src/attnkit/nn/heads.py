@@ -23,13 +23,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops
 from .attention import Attention, check_input, layer_mask, positions_for, split_heads
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, as_rope
+from .rope import as_rope
 
 __all__ = ["MLA", "MFA", "SQA", "MoHAttention", "TalkingHeadsAttention", "DiffAttention", "MultiTokenAttention",
            "SimplicialAttention", "lambda_init"]

@@ -127,7 +127,7 @@ def test_llama_generate_equals_sdpa(llama, left_pad):
     assert torch.equal(res["sdpa"].sequences, res["attnkit"].sequences)
     for a, b in zip(res["attnkit"].scores, res["sdpa"].scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert len(set(res["sdpa"].sequences[:, 7:].flatten().tolist())) > 2
+    assert len(set(res["sdpa"].sequences[:, 7:].flatten().tolist())) > 1  # not one repeated token
 
 
 class _Module(torch.nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Group", "RingError", "check_group", "all_gather_stack", "gather_sequence"]
+__all__ = ["Group", "RingError", "check_group", "all_gather_stack", "gather_sequence", "connect"]
 
 
 class RingError(RuntimeError):
@@ -104,8 +104,8 @@ class P2P:
         try:
             works = dist.batch_isend_irecv(ops)
         except Exception as e:
-            raise RingError(f"{self.what}: rank {self.g.rank}, step {step}: posting {', '.join(desc)} failed "
-                            f"({e})") from e
+            raise RingError(f"{self.what}: rank {self.g.rank}, ring step {step}: posting {', '.join(desc)} failed "
+                            f"({type(e).__name__}: {e}); another rank probably raised or died") from e
         return Pending(works, desc, self, step)
 
 
@@ -120,13 +120,24 @@ class Pending:
 
     def wait(self) -> None:
         works, self.works = self.works, []
-        for w in works:
+        for i, w in enumerate(works):
             try:
                 w.wait()
             except Exception as e:
+                Pending(works[i + 1:], [], self.p2p, self.step).drain()
                 raise RingError(f"{self.p2p.what}: rank {self.p2p.g.rank}, ring step {self.step}: "
                                 f"{', '.join(self.desc)} failed ({type(e).__name__}: {e}). Another rank probably "
                                 f"raised or died; the wait is bounded by the process group's timeout") from e
+
+    def drain(self) -> None:
+        """Wait for the posted transfers, ignoring their errors (before re-raising a local failure: a rank must not
+        leave transfers in flight, its peers posted the matching ones)."""
+        works, self.works = self.works, []
+        for w in works:
+            try:
+                w.wait()
+            except Exception:
+                pass
 
 
 class _AllGather(torch.autograd.Function):
@@ -159,6 +170,13 @@ def _collective(g: Group, name: str, fn, *args, **kw):
     except Exception as e:
         raise RingError(f"rank {g.rank}: {name} over {g.world_size} ranks failed ({type(e).__name__}: {e}); another "
                         f"rank probably raised or died") from e
+
+
+def connect(x: Tensor, *others: Tensor) -> Tensor:
+    """``x`` plus an exact zero that depends on ``others`` (a select, never NaN): an output that does not otherwise
+    use a gathered tensor still reaches it in autograd, so every rank joins the gather's backward collective."""
+    off = torch.zeros((), dtype=torch.bool, device=x.device)
+    return x + sum(torch.where(off, t.reshape(-1)[:1].to(x.dtype), 0).sum() for t in others)
 
 
 def all_gather_stack(x: Tensor, g: Group) -> Tensor:

@@ -31,23 +31,17 @@ import torch
 from torch import Tensor
 
 import attnkit
-from attnkit.variants.linear import NORMALIZE_EPS, RULES
 
-from .comm import Group, all_gather_stack, check_group
+from ._compat import linear_name
+from .comm import Group, all_gather_stack, check_group, connect as _connect
 from .shard import ShardLayout, pad_cu_seqlens
 
 __all__ = ["context_parallel_linear_attention", "SUPPORTED_RULES"]
 
+RULES = linear_name("RULES")
+NORMALIZE_EPS = linear_name("NORMALIZE_EPS")
 SUPPORTED_RULES = tuple(RULES)
 WHAT = "context_parallel_linear_attention"
-
-
-def _connect(x: Tensor, *others: Tensor) -> Tensor:
-    """``x`` plus an exact zero that depends on ``others`` (a select, never NaN): every rank's output then
-    reaches the all-gather in autograd, so every rank joins its backward collective."""
-    off = torch.zeros((), dtype=torch.bool, device=x.device)
-    z = sum(torch.where(off, t.reshape(-1)[:1].to(x.dtype), 0).sum() for t in others)
-    return x + z
 
 
 def _bhtd(t: Optional[Tensor], layout: str) -> Optional[Tensor]:
@@ -127,10 +121,9 @@ class _Local:
         lay: ShardLayout = self.layout_
         Dv, R = self.Dv_tot, self.R
         last = [s if self.cu is None else s[-1:] for s in self.S_out]  # the state each piece hands on
-        P_loc = torch.stack([s[..., Dv:] for s in last])  # [nseg, B, H, R, R]
-        S_loc = torch.stack([s[..., :Dv] for s in last])
-        P_all = all_gather_stack(P_loc, g)  # [n, nseg, ...]
-        S_all = all_gather_stack(S_loc, g)
+        # one collective for (P, S⁰): two would run their backward all-reduces in an order that may differ by rank
+        PS = all_gather_stack(torch.stack(last), g)  # [n, nseg, B, H, R, Dv + R]
+        P_all, S_all = PS[..., Dv:], PS[..., :Dv]
         order = sorted((s, r, i) for r in range(g.world_size) for i, (s, _) in enumerate(lay.segments(r)))
         S_init = self.S_init
         mine = {}
@@ -152,7 +145,7 @@ class _Local:
             S_in = mine[i]  # with cu_seqlens only the piece's first document reads it (Q is 0 elsewhere)
             corr = o[..., Dv:].to(S_in.dtype) @ S_in
             outs.append(o[..., :Dv].to(S_in.dtype) + corr)
-        out = _connect(torch.cat(outs, 2), P_all, S_all)
+        out = _connect(torch.cat(outs, 2), PS)
         if self.normalize:
             out = out[..., :-1] / (out[..., -1:] + NORMALIZE_EPS)
         out = out.to(self.dtype)
@@ -161,10 +154,10 @@ class _Local:
         if not self.output_final_state:
             return out, None
         if self.cu is not None:
-            final = self._doc_finals(g, mine)
+            final = self._doc_finals(g, mine, PS)
         return out, final
 
-    def _doc_finals(self, g: Group, mine):
+    def _doc_finals(self, g: Group, mine, PS):
         """Final state of every document: computed on the rank holding its end, summed over ranks."""
         lay: ShardLayout = self.layout_
         Dv = self.Dv_tot
@@ -176,7 +169,7 @@ class _Local:
                     st = self.S_out[i][d]
                     fin = st[..., :Dv] + (st[..., Dv:] @ mine[i][-1] if first else 0)
                     part = part.index_add(0, torch.tensor([doc], device=self.device), fin[None])
-        return all_gather_stack(part, g).sum(0)
+        return all_gather_stack(_connect(part, PS), g).sum(0)  # every rank joins the backward
 
 
 def _local(g: Group, q, k, v, *, rule, gate, beta, feature_map, normalize, scale, form, chunk_size, initial_state,

@@ -40,7 +40,7 @@ from attnkit import masks as M
 from attnkit import normalizers as N
 from attnkit import scores as S
 
-from .comm import P2P, Group, all_gather_stack, check_group, tag
+from .comm import P2P, Group, all_gather_stack, check_group, connect as _connect, tag
 from .shard import ShardLayout
 
 __all__ = ["context_parallel_attention", "RingPlan", "STRATEGIES"]
@@ -362,8 +362,12 @@ class Ring:
         for t in range(plan.steps + 1):
             nxt = self._post_kv(p2p, cur, t) if n > 1 else None
             pending = p2p.start(t)  # sends / receives run while this step computes
-            if plan.holds(r, t):
-                self.forward_block(q, cur, (r - t) % n, accs)
+            try:
+                if plan.holds(r, t):
+                    self.forward_block(q, cur, (r - t) % n, accs)
+            except BaseException:
+                pending.drain()
+                raise
             pending.wait()
             cur = nxt
         return finish(accs, q.shape[1], self.spec)
@@ -398,8 +402,12 @@ class Ring:
             pending = p2p.start(t)
             pend = None
             dkv = None
-            if holds and plan.pairs[r][s]:
-                dkv = self.backward_block(q, cur, s, out, lse, dout, dlse, dq, dparams, params, cd)
+            try:
+                if holds and plan.pairs[r][s]:
+                    dkv = self.backward_block(q, cur, s, out, lse, dout, dlse, dq, dparams, params, cd)
+            except BaseException:
+                pending.drain()
+                raise
             pending.wait()
             if holds:
                 dk_b, dv_b = dkv if dkv is not None else (self._zeros(self.kshape, cd), self._zeros(self.vshape, cd))
@@ -479,8 +487,9 @@ def _allgather(spec: Spec, plan: RingPlan, g: Group, q: Tensor, k: Tensor, v: Te
 
     lay = plan.layout
     r, n, c = g.rank, g.world_size, lay.chunk
-    K = torch.cat(all_gather_stack(k, g).unbind(0), 2)  # rank-major [B, Hkv, n·L, D]
-    V = torch.cat(all_gather_stack(v, g).unbind(0), 2)
+    D = k.shape[-1]
+    KV = torch.cat(all_gather_stack(torch.cat([k, v], -1), g).unbind(0), 2)  # one collective, rank-major
+    K, V = KV[..., :D], KV[..., D:]
     if lay.load_balance is not None:
         inv = inverse_permutation(lay.permutation(k.device))
         K, V = K.index_select(2, inv), V.index_select(2, inv)
@@ -493,7 +502,7 @@ def _allgather(spec: Spec, plan: RingPlan, g: Group, q: Tensor, k: Tensor, v: Te
         if not starts:  # no visible key anywhere: zeros, lse = the sink logit or −inf
             cd = torch.float64 if q.dtype == torch.float64 else torch.float32
             B, H = q.shape[:2]
-            outs.append(q.new_zeros(B, H, Lq, v.shape[-1]))
+            outs.append(_connect(q.new_zeros(B, H, Lq, v.shape[-1]), KV))  # joins the backward all-reduce
             sink = spec.sink_logits(H, torch.empty(0, dtype=cd, device=q.device))
             lses.append(torch.full((B, H, Lq), -math.inf, dtype=cd, device=q.device) if sink is None
                         else sink.expand(B, H, Lq))

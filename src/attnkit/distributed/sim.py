@@ -31,6 +31,7 @@ from torch import Tensor
 import attnkit
 from attnkit import masks as M
 
+from ._compat import linear_name
 from .comm import Group
 from .ring import Acc, Ring, RingPlan, Spec, finish
 from .shard import ShardLayout, inverse_permutation
@@ -314,7 +315,7 @@ def _linear_inputs(rule: str, B: int, H: int, L: int, D: int, dtype, device, gra
     q, k = mk(B, H, L, D), mk(B, H, L, D)
     v = torch.cat([mk(B, H, L, D), torch.zeros(B, H, L, extra_cols, device=device, dtype=dtype)], -1)
     kw = {}
-    spec = attnkit.variants.linear.RULES[rule]
+    spec = linear_name("RULES")[rule]
     if spec.gate == "scalar":
         kw["gate"] = -torch.rand(B, H, L, device=device) * 0.1
     elif spec.gate == "channel":

@@ -59,7 +59,7 @@ def first_attr(modules: Sequence[str], attr: str):
     raise ImportError(f"none of {list(modules)} defines {attr}")
 
 
-STREAMING_MODULES = ("attnkit.ops.softmax", "attnkit.ops.softmax.streaming", "attnkit.variants.softmax")
+STREAMING_MODULES = ("attnkit.ops.softmax", "attnkit.ops.utils.tiles", "attnkit.variants.softmax")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,16 +322,18 @@ class Case:
 
 
 @st.composite
-def cases(draw, *, max_len: int = 40, dims=None, triton: bool = False, family: Optional[str] = None,
-          tiles: bool = True) -> Case:
+def cases(draw, *, max_len: int = 40, lengths=None, dims=None, triton: bool = False,
+          family: Optional[str] = None, max_bh: Optional[int] = None) -> Case:
     """Random shapes, mask, mods and normalizer. ``triton``: only what the fused kernels take (one relative
-    bias at most; pointwise mods have twins anyway)."""
+    bias at most; pointwise mods have twins anyway); ``max_bh``: at most this many (batch, query head) pairs
+    (Triton's interpreter runs every program in Python)."""
     B, Hkv, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
-    if triton and B * Hkv * G > 4:  # the interpreter runs every program in Python: at most 4 (batch, head) pairs
-        B, Hkv, G = (1, Hkv, G) if Hkv * G <= 4 else (1, 1, G)
+    if max_bh is not None and B * Hkv * G > max_bh:
+        B, Hkv = 1, (Hkv if Hkv * G <= max_bh else 1)
     Hq = Hkv * G
-    Lq = draw(st.integers(1, max_len))
-    Lk = Lq if draw(st.booleans()) else draw(st.integers(1, max_len))
+    lengths = lengths or st.integers(1, max_len)
+    Lq = draw(lengths)
+    Lk = Lq if draw(st.booleans()) else draw(lengths)
     dims = dims or st.integers(1, 24)
     D, Dv = draw(dims), draw(dims)
     mask = draw(masks(B, Lq, Lk))
@@ -342,7 +344,7 @@ def cases(draw, *, max_len: int = 40, dims=None, triton: bool = False, family: O
     scale = None if draw(st.integers(0, 3)) else draw(st.sampled_from([0.3, -0.45, 1.1]))
     layout = draw(st.sampled_from(["bhtd", "bthd"]))
     view = draw(st.sampled_from(["contig", "slice", "step", "perm"]))
-    bq, bk = (draw(st.integers(1, 9)), draw(st.integers(1, 9))) if tiles else (3, 5)
+    bq, bk = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     return Case(draw(st.integers(0, 2 ** 31 - 1)), B, Hq, Hkv, Lq, Lk, D, Dv, mask, mods, norm, scale, layout,
                 view, (bq, bk))
 
@@ -737,8 +739,8 @@ def same_nonfinite(what: str, got: torch.Tensor, want: torch.Tensor) -> torch.Te
 def check_call(exp: Expected, ns: dict, out, lse, what: str, close: Callable, close_grads: Callable,
                grads: bool = True) -> None:
     """One call's output, lse and gradients against ``exp``. ``close(what, got, want)`` compares finite values;
-    ``close_grads(names, got, want, sel)`` the gradients (``sel``: the row / key masks applied), restricted to the rows / keys / parameters where they are
-    defined (see :class:`Expected`). Rows with no visible key: exact zeros and zero dq."""
+    ``close_grads(names, got, want, sel)`` the gradients where they are defined (see :class:`Expected`; ``sel``: the
+    row / key masks applied, None for parameters). Rows with no visible key: exact zeros and zero dq."""
     q = ns["q"]
     assert out.dtype == q.dtype, f"{what}: output dtype {out.dtype} for {q.dtype} inputs"
     assert out.shape == exp.out.shape, f"{what}: output shape {tuple(out.shape)} vs {tuple(exp.out.shape)}"

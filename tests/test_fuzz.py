@@ -42,8 +42,10 @@ else:
 F64 = torch.float64
 REFERENCE_FORMS = ["materialized", "streaming", "streaming-tiles", "recurrent"]
 #: examples per property in CI (multiplied by ATTNKIT_FUZZ_EXAMPLES)
-EXAMPLES = {"forms": 60, "triton": 12, "nonfinite": 12, "nan_sink": 10}
+EXAMPLES = {"forms": 100, "triton": 15, "nonfinite": 12, "nan_sink": 10}
 needs_triton = pytest.mark.skipif(KA is None, reason="triton is not installed")
+#: Triton's interpreter converts 1-element arrays to Python ints (a numpy deprecation, thousands per test)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -101,7 +103,7 @@ def test_triton_interpreter(request, family):
     def triton_kernels(case):
         check_forms(case, ["triton"])
 
-    FC.run_property(request, FC.cases(max_len=40, triton=True, family=family), triton_kernels,
+    FC.run_property(request, FC.cases(max_len=40, triton=True, family=family, max_bh=4), triton_kernels,
                     EXAMPLES["triton"])
 
 
@@ -127,14 +129,15 @@ def test_nonfinite_at_masked_positions(request):
     def nonfinite_at_masked_positions(case):
         check_forms(case, REFERENCE_FORMS + ["triton"])
 
-    FC.run_property(request, FC.planted_cases(FC.cases(max_len=20, triton=True)), nonfinite_at_masked_positions,
-                    EXAMPLES["nonfinite"], explicit=[_causal_nan_v_last()])
+    strategy = FC.planted_cases(FC.cases(max_len=20, triton=True, max_bh=4))
+    FC.run_property(request, strategy, nonfinite_at_masked_positions, EXAMPLES["nonfinite"],
+                    explicit=[_causal_nan_v_last()])
 
 
 @st.composite
 def nan_sink_cases(draw):
     """A case whose normalizer is softmax_sink with a NaN logit on one head."""
-    case = draw(FC.cases(max_len=20, triton=True, family="softmax"))
+    case = draw(FC.cases(max_len=20, triton=True, family="softmax", max_bh=4))
     h = draw(st.integers(0, case.Hq - 1))
     case.norm = FC.Piece("sink", f"N.softmax_sink(P({draw(st.integers(0, 2 ** 16))}, {case.Hq}, nan_at={h}))",
                          nparams=1)

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import tempfile
+import time
 import traceback
 import types
 from datetime import timedelta
@@ -27,6 +28,7 @@ from attnkit import normalizers as N
 from attnkit import scores as S
 
 F64 = torch.float64
+T_IMPORT = time.time()
 TOL = 1e-10
 
 
@@ -37,8 +39,10 @@ TOL = 1e-10
 def launch(world_size: int, job: str, seed: int, timeout_s: int = 30) -> Dict[str, Optional[str]]:
     """Run every case of ``job`` on ``world_size`` gloo processes; ``{case: None (passed) or the failure}``."""
     with tempfile.TemporaryDirectory() as tmp:
+        # forkserver: one clean server process imports torch and attnkit once; every job's ranks fork from it
+        mp.set_forkserver_preload(["torch", "attnkit", "attnkit.distributed", "dist_cases"])
         mp.start_processes(_worker, args=(world_size, tmp, job, seed, timeout_s), nprocs=world_size, join=True,
-                           start_method="spawn")
+                           start_method="forkserver")
         res: Dict[str, Optional[str]] = {}
         for r in range(world_size):
             with open(os.path.join(tmp, f"rank{r}.txt")) as f:
@@ -62,7 +66,7 @@ def _worker(rank: int, world_size: int, tmp: str, job: str, seed: int, timeout_s
             ctx = Ctx(rank, world_size, seed + zlib_hash(name))
             msg = ""
             if os.environ.get("ATTNKIT_DIST_VERBOSE"):
-                print(f"rank {rank}: {name}", flush=True)
+                print(f"rank {rank}: {name} at {time.time() - T_IMPORT:.1f} s", flush=True)
             try:
                 fn(ctx)
                 if ctx.errors:  # mismatches are collected, not raised, so every rank reaches every collective
@@ -368,9 +372,10 @@ def err_rank_dies_mid_ring(c: Ctx):
                          RuntimeError, "simulated failure")
         finally:
             cp.ring.Spec.call = orig
-    else:
-        expect_error(lambda: cp.context_parallel_attention(q, q, q, group=g, mask=None, load_balance=None),
-                     cp.RingError, "ring step")
+    else:  # forward and backward: with 2 ranks the forward may already hold everything it needs
+        qr = q.clone().requires_grad_()
+        expect_error(lambda: cp.context_parallel_attention(qr, qr, qr, group=g, mask=None, load_balance=None).sum()
+                     .backward(), cp.RingError, "ring step")
     dist.destroy_process_group(g)
 
 

@@ -6,7 +6,7 @@
 Both take canonical tensors ``[B, H, T, D]`` (any strides) after the caller's feature map; the scale and the
 ``qk_l2norm`` of the delta rules are fused. They run on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 """
-from .chunk import NORMALIZE_EPS, chunk
-from .fused_recurrent import fused_recurrent
+from .chunkwise import NORMALIZE_EPS, chunk
+from .recurrent import fused_recurrent
 
 __all__ = ["chunk", "fused_recurrent", "NORMALIZE_EPS"]

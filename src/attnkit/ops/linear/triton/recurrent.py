@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunk import NORMALIZE_EPS, Tiles, _or, _st, prepare
+from .chunkwise import NORMALIZE_EPS, Tiles, _or, _st, prepare
 from .utils import GATE_CHANNEL, GATE_SCALAR, doc_coords, interpreting, pow2, precisions
 
 __all__ = ["fused_recurrent"]

@@ -490,6 +490,8 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
                                    num_warps=tb.warps_out, num_stages=tb.stages, **cx)
     DHS = torch.empty(p.nch, H, Dk, Dv, device=dev, dtype=q.dtype)
     dh0 = torch.empty(p.n_seq, H, Dk, Dv, device=dev, dtype=acc_t) if need_dh0 else None
+    if _POISON and dh0 is not None:
+        dh0.fill_(float("nan"))
     chunk_dh_kernel[p.grid_s](q, k, gt, _or(sc["W"], q), do, _or(DU, q), _or(dht, q), DHS, _or(dh0, q), docs, choff,
                               *_st(q, 4), *_st(k, 4), *_st(g, 4), *_st(do, 4), T, p.nt, H, p.qk_div, Dk, Dv, p.scale,
                               BV=tb.bv_state, DELTA=p.delta, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
@@ -504,7 +506,7 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
         dg = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t)
     dbeta = torch.empty(B, H, T, device=dev, dtype=acc_t) if p.delta else None
     if _POISON:
-        for t in (dq, dk, dv, dg, dbeta, dh0):
+        for t in (dq, dk, dv, dg, dbeta):
             if t is not None:
                 t.fill_(float("nan"))
     chunk_grad_kernel[p.grid_c](q, k, v, gt, _or(beta, q), sc["HS"], DHS, _or(sc["UN"], q), _or(DU, q), do,

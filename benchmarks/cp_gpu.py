@@ -8,7 +8,8 @@
 ``--simulate`` (one GPU; the model is in notes/context_parallel.md): for each total length T (128k, 512k), each
 pattern (causal softmax with zigzag shards, sliding window 4k with contiguous shards, linear rules gla and
 gated_delta with contiguous shards) and each direction (forward, forward+backward), the one-GPU call on the whole
-sequence is timed (``t1``), then for n = 2, 4, 8 every distinct ring step of every rank is timed on a copy of a
+sequence is timed (``t1``: the code path of one rank, i.e. ``return_lse=True`` for softmax; ``t1 best``: plain
+``attnkit.attention``, where ``auto`` may pick cuDNN), then for n = 2, 4, 8 every distinct ring step of every rank is timed on a copy of a
 peer's K/V block (alone and next to a device copy of the block's bytes on a second stream), the transfer is taken
 at the H200's NVLink bandwidth (900 GB/s bidirectional per GPU: 450 GB/s each way, times ``--link-efficiency``),
 and the predicted call time is Σ over steps of max over ranks of max(compute, transfer). Efficiency =
@@ -80,13 +81,14 @@ def _ms(x) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    head = "| pattern | T | dir | n | t1 ms | tn ms | efficiency | ring steps | comm-bound steps | note |"
-    out = [head, "|" + "---|" * 10]
+    head = ("| pattern | T | dir | n | t1 ms | tn ms | efficiency | t1 best ms | eff. vs best | ring steps | "
+            "comm-bound steps | note |")
+    out = [head, "|" + "---|" * 12]
+    pct = lambda x: "" if x is None else f"{x:.1%}"  # noqa: E731
     for r in rows:
-        eff = r.get("efficiency")
         out.append(f"| {r['pattern']} | {r['T']} | {r['dir']} | {r['n']} | {_ms(r.get('t1'))} | {_ms(r.get('t_n'))} | "
-                   f"{'' if eff is None else f'{eff:.1%}'} | {r.get('ring_steps', '')} | "
-                   f"{r.get('comm_bound_steps', '')} | {r.get('note', '')} |")
+                   f"{pct(r.get('efficiency'))} | {_ms(r.get('t1_best'))} | {pct(r.get('efficiency_vs_best'))} | "
+                   f"{r.get('ring_steps', '')} | {r.get('comm_bound_steps', '')} | {r.get('note', '')} |")
     return "\n".join(out)
 
 
@@ -130,7 +132,7 @@ def run_simulation(args, device: str) -> List[dict]:
                                                  mask=p["mask"], load_balance=p["load_balance"], **common)
                         else:
                             r = simulate_linear(T, n, rule=p["rule"], B=1, H=args.heads, D=args.dim, **common)
-                        t1 = r["t1"]
+                        t1 = r.get("t1_all", r["t1"])  # measured once per (T, pattern, direction)
                         row.update({k: v for k, v in r.items() if k not in ("T", "backward", "world_size")})
                     except Exception as e:  # one failing cell (OOM, refusal) must not stop the grid
                         row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -146,7 +146,7 @@ def _make(x, c: "Ctx"):
 
 def softmax_case(T: int, *, mask=None, score_mod=None, normalizer="softmax", lb="zigzag", strategy="ring",
                  Hq: int = 2, Hkv: int = 1, D: int = 8, B: int = 2, layout: str = "bhtd",
-                 return_lse: bool = False) -> Callable[[Ctx], None]:
+                 return_lse: bool = False, recompute: bool = True) -> Callable[[Ctx], None]:
     """Compare context_parallel_attention with attnkit.attention on the whole sequence (``T`` true tokens; the
     shards are padded when ``T`` does not divide). ``mask="doc"``: random documents (the padding one more)."""
 
@@ -174,7 +174,8 @@ def softmax_case(T: int, *, mask=None, score_mod=None, normalizer="softmax", lb=
         ql, kl, vl = (c.shard(tr(x.detach()).requires_grad_(), lb, dim) for x in (q, k, v))
         res = cp.context_parallel_attention(ql, kl, vl, mask=m_pad, score_mod=sm, normalizer=nm, backend="reference",
                                             strategy=strategy, layout=layout, load_balance=lb,
-                                            seq_len=T if lay.total != T else None, return_lse=return_lse)
+                                            seq_len=T if lay.total != T else None, return_lse=return_lse,
+                                            recompute=recompute)
         o, l = res if return_lse else (res, None)
         want, keep = c.local(tr(ref_o.detach()), lb, dim)
         real, pad = keep.nonzero().flatten(), (~keep).nonzero().flatten()
@@ -226,6 +227,10 @@ def softmax_cases(n: int) -> list:
         ("dilated_or_sinks", softmax_case(T, mask=M.causal & (M.dilated(2) | M.sinks(2)))),
         ("gqa_bthd_lse", softmax_case(T, mask="causal", Hq=4, Hkv=2, layout="bthd", return_lse=True)),
         ("lse_sink_prefix", softmax_case(T, mask=M.prefix_lm(6), return_lse=True, normalizer=sink)),
+        ("kept_graphs_causal_odd", softmax_case(T - 3, mask="causal", recompute=False)),
+        ("kept_graphs_sink_window_lse", softmax_case(T, mask=M.sliding_window(5), normalizer=sink, return_lse=True,
+                                                     lb=None, recompute=False)),
+        ("kept_graphs_relu_alibi", softmax_case(T, mask=None, normalizer="relu", score_mod=slopes, recompute=False)),
         ("allgather_causal", softmax_case(T, mask="causal", strategy="allgather")),
         ("allgather_relaxed_odd", softmax_case(T - 3, mask="causal", strategy="allgather",
                                                normalizer=N.relaxed(0.2))),

@@ -258,6 +258,10 @@ class Ring:
         self.kshape, self.vshape, self.dtype, self.device = tuple(k.shape), tuple(v.shape), k.dtype, k.device
         self._factors: Dict[Tuple[int, int, int], Tensor] = {}
         self._n_glob: List[Tensor] = []
+        #: recompute=False: the forward keeps each pair's autograd graph (and with it every K/V block it saw) and
+        #: the backward differentiates those instead of recomputing; K/V then do not travel again
+        self.keep = False
+        self.saved: Dict[Tuple[int, int, int], tuple] = {}
 
     # -- pieces ------------------------------------------------------------------------------------
     def rows(self, i: int) -> slice:
@@ -302,25 +306,39 @@ class Ring:
         B, H = q.shape[:2]
         r = self.rank
         for i, j in self.plan.pairs[r][s]:
-            cj = self.cols(s, j)
-            o, lse = self.spec.call(q[:, :, self.rows(i)], kv[0][:, :, cj], kv[1][:, :, cj],
-                                    self.segs[r][i][0], self.segs[s][j][0], self.plan.is_full(r, s, i, j))
+            if self.keep:
+                with torch.enable_grad():
+                    o, lse = self._pair(q, kv, s, i, j)
+                o, lse = o.detach(), None if lse is None else lse.detach()
+            else:
+                cj = self.cols(s, j)
+                o, lse = self.spec.call(q[:, :, self.rows(i)], kv[0][:, :, cj], kv[1][:, :, cj],
+                                        self.segs[r][i][0], self.segs[s][j][0], self.plan.is_full(r, s, i, j))
             f = self.factor(B, H, s, i, j)
             accs[i].add(o, lse, None if f is None else f.to(accs[i].o.dtype))
 
+    def _pair(self, q, kv, s, i, j):
+        """The pair's call on leaf views that require grad; the graph is kept in ``saved``."""
+        r, cj = self.rank, self.cols(s, j)
+        qx = q[:, :, self.rows(i)].detach().requires_grad_()
+        kx = kv[0][:, :, cj].detach().requires_grad_()
+        vx = kv[1][:, :, cj].detach().requires_grad_()
+        o, lo = self.spec.call(qx, kx, vx, self.segs[r][i][0], self.segs[s][j][0], self.plan.is_full(r, s, i, j))
+        self.saved[(s, i, j)] = (qx, kx, vx, o, lo)
+        return o, lo
+
     def backward_block(self, q, kv, s, out, lse, dout, dlse, dq, dparams, params, cd) -> Tuple[Tensor, Tensor]:
         """This rank's share of dk, dv of block ``s`` (adds its dq and parameter gradients in place): the
-        per-pair call recomputed and differentiated with the merged statistics."""
+        per-pair call (recomputed, or its graph kept by the forward) differentiated with the merged statistics."""
         r, spec = self.rank, self.spec
         B, H = q.shape[:2]
         dk, dv = self._zeros(self.kshape, cd), self._zeros(self.vshape, cd)
         for i, j in self.plan.pairs[r][s]:
             rows, cj = self.rows(i), self.cols(s, j)
             with torch.enable_grad():
-                qx = q[:, :, rows].detach().requires_grad_()
-                kx = kv[0][:, :, cj].detach().requires_grad_()
-                vx = kv[1][:, :, cj].detach().requires_grad_()
-                o, lo = spec.call(qx, kx, vx, self.segs[r][i][0], self.segs[s][j][0], self.plan.is_full(r, s, i, j))
+                if (s, i, j) not in self.saved:
+                    self._pair(q, kv, s, i, j)
+                qx, kx, vx, o, lo = self.saved.pop((s, i, j))
                 do = dout[:, :, rows].to(cd)
                 if spec.merge == "lse":
                     w = _exp_rel(lo.to(cd), lse[:, :, rows])
@@ -380,7 +398,7 @@ class Ring:
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         dparams = [torch.zeros_like(p, dtype=cd) for p in params]
         dk_own = dv_own = None
-        cur = (k.contiguous(), v.contiguous())
+        cur = None if self.keep else (k.contiguous(), v.contiguous())
         p2p = P2P(self.g, WHAT)
         pend = None  # (dk, dv, destination, tag kind) completed at the previous step
         for t in range(plan.steps + 2):
@@ -388,7 +406,7 @@ class Ring:
             holds = t <= plan.steps and plan.holds(r, t)
             nxt = acc_in = own_in = None
             if n > 1:
-                nxt = self._post_kv(p2p, cur, t) if t <= plan.steps else None
+                nxt = self._post_kv(p2p, cur, t) if t <= plan.steps and not self.keep else None
                 if pend is not None:
                     p2p.send(pend[0], pend[2], tag(t, pend[3]))
                     p2p.send(pend[1], pend[2], tag(t, pend[3] + 1))
@@ -571,6 +589,7 @@ def context_parallel_attention(
     load_balance: Optional[str] = "zigzag",
     seq_len: Optional[int] = None,
     return_lse: bool = False,
+    recompute: bool = True,
     check: bool = True,
 ):
     """Softmax-family attention over a sequence sharded across the ranks of ``group``.
@@ -584,7 +603,9 @@ def context_parallel_attention(
     at positions ``>= seq_len`` are masked). ``strategy``: ``"ring"`` (K/V blocks passed around, memory
     O(L)) or ``"allgather"`` (K/V gathered, one call per piece; every normalizer). ``check``: compare shapes and
     settings across ranks first (one small collective) so a mismatched shard or a rank's bad argument raises on
-    every rank instead of hanging. Learnable score-mod / normalizer tensors get this rank's share of their
+    every rank instead of hanging. ``recompute`` (ring): the backward recomputes each pair's forward, memory
+    O(L) per rank; False keeps every pair's graph from the forward (memory O(n·L): every K/V block), so the
+    backward neither recomputes nor passes K/V again (only the dk/dv accumulators travel). Learnable score-mod / normalizer tensors get this rank's share of their
     gradient (sum them over the group, as DDP/FSDP do for parameters).
 
     Returns this rank's output shard (q's dtype and layout), plus the log-sum-exp ``[B, H, L]`` of its rows with
@@ -607,7 +628,7 @@ def context_parallel_attention(
         sig = dict(q=tuple(qb.shape), k=tuple(kb.shape), v=tuple(vb.shape), dtype=str(q.dtype),
                    device=q.device.type, layout=layout, load_balance=load_balance, seq_len=seq_len,
                    strategy=strategy, mask=repr(spec.mask), normalizer=spec.user_norm.name,
-                   score_mod=repr(spec.score_mod), scale=scale, backend=backend)
+                   score_mod=repr(spec.score_mod), scale=scale, backend=backend, recompute=recompute)
     except Exception as e:  # shared with every rank by check_group, then raised everywhere
         err = e
     if check:
@@ -618,6 +639,7 @@ def context_parallel_attention(
         out, lse = _allgather(spec, plan, g, qb, kb, vb)
     else:
         ring = Ring(spec, plan, g, kb, vb)
+        ring.keep = not recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
         out, lse = _RingFn.apply(ring, qb, kb, vb, *(spec.params + ([spec.sink_param] if spec.sink_param is not None
                                                                      else [])))
         if spec.merge != "lse":

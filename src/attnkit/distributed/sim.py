@@ -236,25 +236,37 @@ def simulate_softmax(T: int, world_size: int, *, B: int = 1, Hq: int = 16, Hkv: 
         t1 = time_one_gpu_softmax(T, B=B, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, device=device, mask=mask,
                                   score_mod=score_mod, normalizer=normalizer, backend=backend, backward=backward,
                                   timer=timer)
+    src = torch.empty(kv_bytes, dtype=torch.uint8, device=device)
+    copy = timer(lambda: src.clone())  # the block's bytes copied on this device (read + write)
+    del src
     comp_max = [max((c["compute"] for c in cells if c["step"] == t), default=0.0) for t in range(n_iter)]
-    return dict(world_size=n, T=T, backward=backward, t1=t1, t_n=t_n, efficiency=t1 / (n * t_n) if t_n else None,
-                steps=steps, compute_per_step=comp_max, kv_bytes=kv_bytes, link_bw=bw, ring_steps=plan.steps,
-                pair_fraction=plan.pair_fraction(), distinct_cells=len(cache),
+    t1_same, t1_best = (t1["same"], t1["best"]) if isinstance(t1, dict) else (t1, t1)
+    return dict(world_size=n, T=T, backward=backward, t1=t1_same, t1_best=t1_best, t1_all=dict(same=t1_same, best=t1_best),
+                t_n=t_n, efficiency=t1_same / (n * t_n) if t_n else None,
+                efficiency_vs_best=t1_best / (n * t_n) if t_n else None, steps=steps, compute_per_step=comp_max,
+                kv_bytes=kv_bytes, link_s=link_time(kv_bytes, bw, latency), local_copy_s=copy, link_bw=bw,
+                ring_steps=plan.steps, pair_fraction=plan.pair_fraction(), distinct_cells=len(cache),
                 comm_bound_steps=sum(1 for st, c in zip(steps, comp_max) if st > c * 1.0001))
 
 
 def time_one_gpu_softmax(T: int, *, B, Hq, Hkv, D, dtype, device, mask, score_mod, normalizer, backend, backward,
-                         timer: Timer) -> float:
-    """The one-GPU call on the whole sequence (the baseline of the efficiency)."""
+                         timer: Timer) -> Dict[str, float]:
+    """The one-GPU call on the whole sequence: ``same`` = the code path of one rank (``return_lse=True``, as the
+    ring's calls; the fused kernels), ``best`` = plain :func:`attnkit.attention` (``auto`` may pick cuDNN)."""
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=backward)  # noqa: E731
     q, k, v = mk(B, Hq, T, D), mk(B, Hkv, T, D), mk(B, Hkv, T, D)
 
-    def fn():
-        o = attnkit.attention(q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer, backend=backend)
+    def fn(lse: bool):
+        o = attnkit.attention(q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer, backend=backend,
+                              return_lse=lse)
+        o = o[0] if lse else o
         if backward:
             torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     try:
-        return timer(fn)
+        soft = attnkit.normalizers.as_normalizer(normalizer).family == "softmax"
+        same = timer(lambda: fn(soft))
+        best = timer(lambda: fn(False)) if soft else same
+        return dict(same=same, best=best)
     finally:
         del q, k, v
 

@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from softmax_gpu import cached_pattern, make_steps, warm  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.bench import time_ms  # noqa: E402
-from attnkit.kernels import attention as A  # noqa: E402
-from attnkit.kernels import tuning  # noqa: E402
-from attnkit.kernels.peers import peers  # noqa: E402
+from attnkit.tools.bench import time_ms  # noqa: E402
+from attnkit.ops.softmax import fused as A  # noqa: E402
+from attnkit.ops.utils import tuning  # noqa: E402
+from attnkit.tools.peers import peers  # noqa: E402
 
 SPLIT0 = A.SPLIT_BWD  # as set by ATTNKIT_SPLIT_BWD
 DEFAULT_CONFIGS = ["64,128,8,3/128,64,8,3", "64,128,8,2/128,64,8,2", "64,128,8,3/128,128,8,2",

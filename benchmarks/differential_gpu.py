@@ -14,13 +14,13 @@ H = 16, B·T = 16384. Implementations:
   ``attnkit.last_backend()``: ``triton/fused-differential`` once the fused kernel is in);
 * ``attnkit-2call``: two ``attnkit.attention(q_i, k_i, v, backend="triton")`` calls, ``o1 − λ·o2``;
 * ``flex-2call``: the same with two compiled FlexAttention calls (attnkit's own mask and score mods,
-  :func:`attnkit.kernels.peers.flex_mods`, one BlockMask and one compile per shape for both maps);
+  :func:`attnkit.tools.peers.flex_mods`, one BlockMask and one compile per shape for both maps);
 * ``sdpa-<backend>-2call``: the same with SDPA pinned to one backend, where SDPA expresses the pattern
   (full, causal); a backend refusing the inputs (q/k head dim d ≠ Dv) is a ``refused`` row with its reason.
 
 FLOPs: two maps of head dim d, each QKᵀ (d per pair) and PV (Dv per pair) over the visible pairs:
 ``2·pairs·(2d + 2·Dv)`` forward (``differential._flops``), 3.5× that forward+backward. Per cell: median
-ms (:func:`attnkit.bench.time_ms` after a warm-up of ``--warm-s`` seconds), TFLOP/s, the time of the
+ms (:func:`attnkit.tools.bench.time_ms` after a warm-up of ``--warm-s`` seconds), TFLOP/s, the time of the
 first call (compiles), peak extra memory of one forward+backward, ratio = impl ms / attnkit-fused ms
 (> 1: the fused kernel is faster), and the relative difference to attnkit-fused of the output
 (forward rows) and of the gradients of q, k, v, λ (forward+backward rows, the same cotangent for all;
@@ -47,10 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from softmax_gpu import _f, cached_pattern, make_steps, merge_rows, rel_err, table, visible_pairs, warm  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.bench import environment, peak_memory, time_ms  # noqa: E402
-from attnkit.kernels import sdpa  # noqa: E402
+from attnkit.tools.bench import environment, peak_memory, time_ms  # noqa: E402
+from attnkit.dispatch import sdpa  # noqa: E402
 from attnkit.normalizers import Softmax  # noqa: E402
-from attnkit.variants.differential import differential_attention  # noqa: E402
+from attnkit import differential_attention  # noqa: E402
 
 PATTERNS = ["full", "causal", "sliding_window_1024", "causal_softcap30", "document8_causal"]
 SDPA_IMPLS = [f"sdpa-{b}-2call" for b in sdpa.BACKENDS]
@@ -77,7 +77,7 @@ def two_call(attn: Callable, q, k, v, lam) -> Callable[[], torch.Tensor]:
 def flex_attn(q, k, mask, score_mod, scale: float) -> Callable:
     """One compiled FlexAttention with attnkit's mask and score mod, shared by both maps (one BlockMask,
     one compile per shape: the two maps' views have the same shapes and strides)."""
-    from attnkit.kernels.peers import flex_call
+    from attnkit.tools.peers import flex_call
     B, Hq, Lq, _ = q.shape
     fn = flex_call(mask, score_mod, B, Hq, k.shape[1], Lq, k.shape[2], q.device, scale)
     if fn is None:

@@ -24,8 +24,8 @@ from triton.compiler import ASTSource, compile as tcompile, make_backend  # noqa
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.kernels import attention as A  # noqa: E402
-from attnkit.kernels import tuning  # noqa: E402
+from attnkit.ops.softmax import fused as A  # noqa: E402
+from attnkit.ops.utils import tuning  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 128)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

@@ -8,7 +8,7 @@ import time
 import torch
 
 import attnkit
-from attnkit.check import rel_err
+from attnkit.tools.check import rel_err
 
 
 def main():

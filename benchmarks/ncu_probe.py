@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from softmax_gpu import cached_pattern, make_steps  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.kernels.peers import peers  # noqa: E402
+from attnkit.tools.peers import peers  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -7,8 +7,8 @@ FlexAttention (compiled once per shape) on the same inputs.
 
 bf16, H = 16, B·T = 16384, forward and forward+backward. TFLOP/s count only visible (query, key)
 pairs: ``2·pairs·(D + Dv)`` forward, 3.5× that forward+backward. Every cell is timed with
-:func:`attnkit.bench.time_ms` (synchronized, median) and, forward+backward, its peak extra memory
-with :func:`attnkit.bench.peak_memory`; the output of each impl is compared with attnkit's Triton
+:func:`attnkit.tools.bench.time_ms` (synchronized, median) and, forward+backward, its peak extra memory
+with :func:`attnkit.tools.bench.peak_memory`; the output of each impl is compared with attnkit's Triton
 output (relative error) so a fast wrong peer or kernel shows. Results are written after every
 cell (JSON), so a run cut short keeps what it measured.
 """
@@ -25,7 +25,7 @@ import torch
 
 from attnkit import masks as M
 from attnkit import scores as S
-from attnkit.bench import environment, peak_memory, time_ms
+from attnkit.tools.bench import environment, peak_memory, time_ms
 
 PATTERNS = ["full", "causal", "sliding_window_1024", "causal_softcap30", "causal_alibi", "document8_causal",
             "prefix_lm_quarter", "cross_full", "cross_causal"]
@@ -127,8 +127,8 @@ def run(args) -> None:
     if args.stack_every_s > 0:  # where a stuck cell is stuck (once seen to crash inside a compile)
         faulthandler.dump_traceback_later(args.stack_every_s, repeat=True)
     import attnkit
-    from attnkit.kernels import tuning
-    from attnkit.kernels.peers import peers
+    from attnkit.ops.utils import tuning
+    from attnkit.tools.peers import peers
     dev = torch.device("cuda")
     env = environment(dev)
     env["cuda"] = torch.version.cuda
@@ -235,7 +235,7 @@ def table(path: str, markdown: Callable[[dict], str]) -> str:
 
 def force_fwd_config(spec: str) -> None:
     """Run every forward with the configuration ``BM,BN,warps,stages`` (an A/B of tile shapes)."""
-    from attnkit.kernels import tuning
+    from attnkit.ops.utils import tuning
     cfg = tuning.Config(*(int(x) for x in spec.split(",")))
     base = tuning.defaults
 
@@ -251,8 +251,8 @@ def host_overhead(args) -> None:
     the device (torch's sync debug mode set to raise). ``triton-python``: attnkit with its kernel launches left
     out (the host time of its Python alone)."""
     import attnkit
-    from attnkit.kernels import attention as A
-    from attnkit.kernels.peers import peers
+    from attnkit.ops.softmax import fused as A
+    from attnkit.tools.peers import peers
     dev = torch.device("cuda")
     rows = []
     for pat in ("causal", "causal_alibi", "causal_softcap30", "document8_causal", "sliding_window_1024"):

@@ -397,7 +397,7 @@ def run_form(form: str, q, k, v, *, mask=None, score_mod=None, normalizer="softm
     if form == "streaming-blocks":
         from attnkit.normalizers import as_normalizer
         from attnkit.scores import as_score_mod
-        from attnkit.variants.softmax import Call, streaming
+        from attnkit.ops.softmax import Call, streaming
         sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         call = Call(q, k, v, M.as_mask(mask), as_score_mod(score_mod), as_normalizer(normalizer), sc)
         out, lse = streaming(call, q, k, v, block_q=blocks[0], block_k=blocks[1])

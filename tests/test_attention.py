@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
-import attnkit.api as api
+from attnkit.dispatch import softmax as api
 import attnkit.masks as M
-import attnkit.variants.softmax as SM
+import attnkit.ops.softmax as SM
 from conftest import (F64, FORMS, MASK_NAMES, assert_close, check_form, lookahead, mask_case, mask_problem,
                       mask_shape_params, rand_qkv, ref_attention, run_form)
 

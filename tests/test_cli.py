@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import masks, registry, scores
-from attnkit.bench import peak_memory
-from attnkit.cli import main
-from attnkit.registry import Variant
+from attnkit import masks, scores
+from attnkit.catalog import registry
+from attnkit.tools.bench import peak_memory
+from attnkit.tools.cli import main
+from attnkit.catalog import Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
 
 
 def test_default_bench_variants_exist():
-    from attnkit.cli import DEFAULT_BENCH_VARIANTS
+    from attnkit.tools.cli import DEFAULT_BENCH_VARIANTS
     for name in DEFAULT_BENCH_VARIANTS:
         registry.get_variant(name)
 

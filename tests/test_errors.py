@@ -8,7 +8,7 @@ import attnkit
 import attnkit.masks as M
 import attnkit.normalizers as N
 import attnkit.scores as S
-from attnkit.registry import get_variant
+from attnkit.catalog import get_variant
 from conftest import F64, rand_qkv, run_form
 
 

@@ -17,10 +17,10 @@ from torch.autograd import gradcheck
 from torch.autograd.graph import saved_tensors_hooks
 
 import attnkit.masks as M
-from attnkit.registry import Spec, get_variant
-from attnkit.variants.differential import differential_attention
-from attnkit.variants.multitoken import multi_token_attention
-from attnkit.variants.simplicial import WINDOW1, WINDOW2, simplicial_attention
+from attnkit.catalog import Spec, get_variant
+from attnkit import differential_attention
+from attnkit import multi_token_attention
+from attnkit.ops.simplicial import WINDOW1, WINDOW2, simplicial_attention
 from conftest import (F64, RMask, assert_close, mask_case, one_thread, rand_qkv, randn, ref_attention, ref_normalize,
                       ref_scores)
 
@@ -562,7 +562,7 @@ def test_simplicial_streaming_memory():
 def test_simplicial_streaming_skips_empty_block_pairs(monkeypatch):
     """Tiles visited per query block are only those non-empty in both block maps: with windows the count
     grows linearly in L (O(L·w1·w2) work), not quadratically."""
-    import attnkit.variants.simplicial as S
+    import attnkit.ops.simplicial.reference as S
     counts = {}
     real = S._tile_logits
 

@@ -8,7 +8,7 @@ import torch
 
 import attnkit
 from attnkit import masks
-from attnkit.variants.linear import AarenState, linear_attention, step
+from attnkit.ops.linear import AarenState, linear_attention, step
 from test_linear_reference import F64, assert_rel, grads_of, leaves
 
 LEARNED_FORMS = ["parallel", "scan", "chunk", "recurrent"]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from attnkit.registry import Spec, get_variant, variants
-from attnkit.variants.linear import (ALL_RULES, Favor, feature_maps, linear_attention, step)
+from attnkit.catalog import Spec, get_variant, variants
+from attnkit.ops.linear import (ALL_RULES, Favor, feature_maps, linear_attention, step)
 from test_linear_reference import F64, assert_rel, grads_of, leaves
 
 B, H, T, D, Dv = 2, 2, 10, 4, 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.variants.linear import LogLinearState, linear_attention, step
+from attnkit.ops.linear import LogLinearState, linear_attention, step
 from test_linear_reference import F64, assert_rel, grads_of, leaves, make_case, ref_pairwise
 
 BASES = ["linear", "scalar_gate", "gated_delta"]

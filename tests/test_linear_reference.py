@@ -1,6 +1,6 @@
 """Float64 references of the linear family written from the definitions, and tests of those references.
 
-Nothing here calls attnkit.variants.linear to compute an expected value: every rule is an explicit
+Nothing here calls attnkit.ops.linear to compute an expected value: every rule is an explicit
 Dk×Dk transition matrix A_t per token (``S_t = A_t S_{t−1} + W_t``, ``o_t = q_tᵀ S_t``), the
 log-linear levels come from the paper's recursive definition, feature maps and normalizations from
 their formulas. Other test_linear*.py modules import these helpers.

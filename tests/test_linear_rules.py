@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.variants.linear import linear_attention, step
+from attnkit.ops.linear import linear_attention, step
 from test_linear_reference import (F64, RULE_CASES, api_kwargs, assert_rel, grads_of, leaves, make_case,
                                    ref_linear, ref_pairwise)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.variants.linear import linear_attention
+from attnkit.ops.linear import linear_attention
 from test_linear_reference import F64, assert_rel
 
 RULES = ["scalar_gate", "gla", "hgrn2", "gated_delta", "kda"]

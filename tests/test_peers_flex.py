@@ -20,7 +20,7 @@ from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, fle
 import attnkit
 import attnkit.masks as M
 import attnkit.scores as S
-from attnkit.kernels.peers import flex_mods
+from attnkit.tools.peers import flex_mods
 from conftest import F64, MASK_NAMES, assert_close, mask_case, mask_shape_params, rand_qkv
 from test_scores_normalizers import MODS, mod_case
 
@@ -192,7 +192,7 @@ def test_compiled_flex_cpu():
     """The Flex peer (``kernels.peers.flex_call``) compiles (Dynamo + Inductor's Flex lowering, here on the CPU):
     every built-in score mod together, per-batch prefix and document ids; float32 output against the float64
     reference."""
-    from attnkit.kernels.peers import flex_call
+    from attnkit.tools.peers import flex_call
     B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 48, 80, 16
     ids = torch.sort(torch.randint(0, 4, (B, Lk)), dim=1).values
     mask = (M.prefix_lm(torch.randint(0, Lk, (B,))) & M.document(ids)) | M.sinks(2)

@@ -29,8 +29,8 @@ triton = pytest.importorskip("triton")
 import attnkit  # noqa: E402
 from attnkit import masks as M  # noqa: E402
 from attnkit import scores as S  # noqa: E402
-from attnkit.kernels import attention as KA  # noqa: E402
-from attnkit.variants.differential import differential_attention  # noqa: E402
+from attnkit.ops.softmax import fused as KA  # noqa: E402
+from attnkit import differential_attention  # noqa: E402
 
 from conftest import F64, Pos, RMask, mask_case, one_thread, t5_bucket_ref  # noqa: E402
 

@@ -22,11 +22,11 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 import attnkit  # noqa: E402
-from attnkit import kernels  # noqa: E402
+from attnkit.dispatch import backends as kernels  # noqa: E402
 from attnkit import masks as M  # noqa: E402
 from attnkit import normalizers as N  # noqa: E402
 from attnkit import scores as S  # noqa: E402
-from attnkit.kernels import attention as KA  # noqa: E402
+from attnkit.ops.softmax import fused as KA  # noqa: E402
 
 DEV = "cuda"
 F64 = torch.float64
@@ -275,7 +275,7 @@ def test_auto_dispatch_reports_what_ran():
 def test_varlen_gpu():
     cu = torch.tensor([0, 300, 301, 1000, 1500], device=DEV)
     q, k, v = (torch.randn(1500, H, 64, device=DEV, dtype=torch.bfloat16) for H in (8, 2, 2))
-    out = kernels.varlen_attention(q, k, v, cu, backend="triton")
+    out = attnkit.varlen_attention(q, k, v, cu, backend="triton")
     parts = [attnkit.attention(q[a:b].unsqueeze(0).double(), k[a:b].unsqueeze(0).double(),
                                v[a:b].unsqueeze(0).double(), mask=M.causal, layout="bthd", backend="reference")[0]
              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
@@ -284,7 +284,7 @@ def test_varlen_gpu():
 
 def test_memory_is_linear_in_length():
     """fwd+bwd extra memory at T=16k stays within a small multiple of the inputs (no T×T anywhere)."""
-    from attnkit.bench import peak_memory
+    from attnkit.tools.bench import peak_memory
     T, H, D = 16384, 4, 64
     q, k, v = (torch.randn(1, H, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 
@@ -301,7 +301,7 @@ def test_memory_is_linear_in_length():
 # differential attention: A1·V − λ_h·A2·V in one fused call ("triton/fused-differential")
 # ------------------------------------------------------------------------------------------------
 
-from attnkit.variants.differential import differential_attention  # noqa: E402
+from attnkit import differential_attention  # noqa: E402
 
 FUSED_DIFF = "triton/fused-differential"
 

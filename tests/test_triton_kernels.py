@@ -20,11 +20,11 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 import attnkit  # noqa: E402
-from attnkit import kernels  # noqa: E402
+from attnkit.dispatch import backends as kernels  # noqa: E402
 from attnkit import masks as M  # noqa: E402
 from attnkit import normalizers as N  # noqa: E402
 from attnkit import scores as S  # noqa: E402
-from attnkit.kernels import attention as KA  # noqa: E402
+from attnkit.ops.softmax import fused as KA  # noqa: E402
 
 from conftest import MASK_NAMES, mask_case, ref_attention, t5_bucket_ref  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_mask_composition_many_leaves_uses_bitmap():
     """Five leaves (more than the in-kernel truth table takes) go through per-tile bitmaps."""
     B, H, Lq, Lk = 1, 2, 33, 47
     m = (M.causal & (M.sliding_window(6) | M.sinks(2) | M.dilated(5))) | (M.chunked(4) & ~M.prefix_lm(3))
-    from attnkit.kernels import plan
+    from attnkit.ops.softmax import plan
     assert plan.mask_plan(m, B, "cpu").mode == plan.MODE_BITMAP
     q, k, v = _qkv(B, H, H, Lq, Lk, 16, 16)
     compare(q, k, v, mask=m)
@@ -139,7 +139,7 @@ def test_bitmap_mask_full_at_ragged_edges():
 def test_full_blocks_outside_the_longest_run_are_listed_partial():
     """Kernels walk a row's FULL blocks as one range: a second FULL run (sinks | window) is listed PARTIAL,
     and every non-empty block is still listed exactly once, in both orientations."""
-    from attnkit.kernels import plan
+    from attnkit.ops.softmax import plan
     m = M.sinks(16) | M.sliding_window(40)
     B, H, L = 1, 2, 150
     mp = plan.mask_plan(m, B, "cpu")
@@ -392,7 +392,7 @@ def test_varlen_matches_separate_sequences():
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
     T = int(cu[-1])
     q, k, v = (torch.randn(T, H, 16, dtype=F64).requires_grad_() for H in (2, 1, 1))
-    out = kernels.varlen_attention(q, k, v, cu, causal=True, backend="triton")
+    out = attnkit.varlen_attention(q, k, v, cu, causal=True, backend="triton")
     assert out.shape == (T, 2, 16)
     parts = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -492,7 +492,7 @@ def test_one_backward_launch_matches_two(case, monkeypatch):
         monkeypatch.setattr(KA, "SPLIT_BWD", split)
         KA._problems.clear()
         if case == "differential":
-            from attnkit.variants.differential import differential_attention
+            from attnkit import differential_attention
             out = differential_attention(q, k, v, lam, backend="triton", **kw)
         else:
             out = attnkit.attention(q, k, v, backend="triton", **kw)

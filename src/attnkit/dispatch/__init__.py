@@ -1,0 +1,6 @@
+"""attnkit.dispatch: the public operations and their backend choice — the fused kernels or SDPA where they compute
+exactly the requested function, else the reference forms of :mod:`attnkit.ops` — with a record of what ran."""
+from .softmax import attention, varlen_attention
+from .differential import differential_attention
+
+__all__ = ["attention", "varlen_attention", "differential_attention"]

@@ -122,24 +122,29 @@ def nan_sink_cases(draw):
     return case
 
 
+def check_nan_sink_kernel(case: FC.Case, dtype: torch.dtype) -> None:
+    """A NaN sink logit: a ValueError, or rows of that head that see a key are non-finite (output and lse) and every
+    other row equals the reference."""
+    FC.note_case(case, ["triton"], dev=DEV, dtype=dtype, pdtype=torch.float32)
+    ns = FC.build(case, DEV, dtype, torch.float32)
+    exp = FC.Expected(case, ns, raw=True)
+    try:
+        out, lse = FC.run(case, ns, "triton")
+    except ValueError:
+        return
+    nan_rows = torch.isnan(exp.params[-1].detach()).view(1, -1, 1).expand_as(exp.empty)  # the sink is the last P
+    ok, seen = ~nan_rows, nan_rows & ~exp.empty
+    for name, got, want in (("out", out, exp.out), ("lse", lse, exp.lse)):
+        fin = FC.same_nonfinite(f"{name} (heads with a finite sink)", got[ok], want[ok])
+        err = rel(got[ok][fin], want[ok][fin])
+        assert err <= TOL[dtype], f"{name} (heads with a finite sink): rel err {err:.2e} > {TOL[dtype]}"
+        assert not torch.isfinite(got[seen]).any(), f"{name}: finite in the NaN-sink head's rows that see a key"
+
+
 def test_nan_sink_logit(request):
-    """Property: a NaN sink logit raises, or propagates: rows of that head that see a key are non-finite (output
-    and lse), every other row equals the reference (the kernels' half of tests/test_fuzz.py's property)."""
+    """Property: a NaN sink logit raises, or propagates: rows of that head that see a key are non-finite, every other
+    row equals the reference (the kernels' half of tests/test_fuzz.py's property; the cross-form half is there)."""
     def nan_sink_gpu(case):
-        dtype = torch.bfloat16
-        FC.note_case(case, ["triton"], dev=DEV, dtype=dtype, pdtype=torch.float32)
-        ns = FC.build(case, DEV, dtype, torch.float32)
-        exp = FC.Expected(case, ns, raw=True)
-        try:
-            out, lse = FC.run(case, ns, "triton")
-        except ValueError:
-            return
-        nan_rows = torch.isnan(exp.params[-1].detach()).view(1, -1, 1).expand_as(exp.empty)
-        ok, seen = ~nan_rows, nan_rows & ~exp.empty
-        for name, got, want in (("out", out, exp.out), ("lse", lse, exp.lse)):
-            fin = FC.same_nonfinite(f"{name} (heads with a finite sink)", got[ok], want[ok])
-            err = rel(got[ok][fin], want[ok][fin])
-            assert err <= TOL[dtype], f"{name}: rel err {err:.2e}"
-            assert not torch.isfinite(got[seen]).any(), f"{name}: finite in the NaN-sink head's rows"
+        check_nan_sink_kernel(case, torch.bfloat16)
 
     FC.run_property(request, nan_sink_cases(), nan_sink_gpu, EXAMPLES["nan_sink"])

@@ -114,10 +114,18 @@ class Leaf:
     def dense(self, b, h, q, kv):
         return self.fn(b, h, q, kv)
 
+    def __repr__(self):
+        return self.src
+
 
 class Op:
+    """``a & b``, ``a | b`` or ``~a`` of masks."""
+
     def __init__(self, op: str, a, b=None):
         self.op, self.a, self.b = op, a, b
+
+    def __repr__(self):
+        return self.src
 
     @property
     def src(self) -> str:

@@ -81,13 +81,14 @@ def _ms(x) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    head = ("| pattern | T | dir | n | t1 ms | tn ms | efficiency | t1 best ms | eff. vs best | ring steps | "
-            "comm-bound steps | note |")
-    out = [head, "|" + "---|" * 12]
+    head = ("| pattern | T | dir | n | t1 ms | tn ms | efficiency | t1 best ms | eff. vs best | eff. kept graphs | "
+            "ring steps | comm-bound steps | note |")
+    out = [head, "|" + "---|" * 13]
     pct = lambda x: "" if x is None else f"{x:.1%}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['pattern']} | {r['T']} | {r['dir']} | {r['n']} | {_ms(r.get('t1'))} | {_ms(r.get('t_n'))} | "
                    f"{pct(r.get('efficiency'))} | {_ms(r.get('t1_best'))} | {pct(r.get('efficiency_vs_best'))} | "
+                   f"{pct(r.get('efficiency_kept'))} | "
                    f"{r.get('ring_steps', '')} | {r.get('comm_bound_steps', '')} | {r.get('note', '')} |")
     return "\n".join(out)
 

@@ -224,7 +224,8 @@ def test_simulation_smoke_cpu():
     tm = Timer("cpu", warmup=0, reps=1)
     r = simulate_softmax(64, 4, B=1, Hq=2, Hkv=2, D=8, dtype=torch.float32, device="cpu", mask=M.causal,
                          backward=True, timer=tm, backend="reference")
-    assert r["ring_steps"] == 3 and len(r["steps"]) == r["ring_steps"] + 2 and r["efficiency"] > 0
+    assert r["ring_steps"] == 3 and len(r["fwd_steps"]) == 4 and len(r["bwd_steps"]) == 5 and r["efficiency"] > 0
+    assert r["t_n"] >= sum(r["fwd_steps"]) and r["t_n_kept"] > 0
     assert r["distinct_cells"] <= 3  # zigzag causal: one diagonal cell kind, one full-pair kind (+ self)
     w = simulate_softmax(64, 4, B=1, Hq=2, Hkv=2, D=8, dtype=torch.float32, device="cpu",
                          mask=M.sliding_window(7), load_balance=None, timer=tm, backend="reference")

@@ -169,9 +169,14 @@ def simulate_softmax(T: int, world_size: int, *, B: int = 1, Hq: int = 16, Hkv: 
                      dtype=torch.bfloat16, device="cuda", mask=None, score_mod=None, normalizer="softmax",
                      load_balance: Optional[str] = "zigzag", backend: str = "auto", backward: bool = False,
                      link_bw: float = NVLINK_H200_PER_DIRECTION, link_efficiency: float = 1.0,
-                     latency: float = 20e-6, timer: Optional[Timer] = None, t1: Optional[float] = None) -> Dict:
+                     latency: float = 20e-6, timer: Optional[Timer] = None, t1=None) -> Dict:
     """Predicted time of one context-parallel call (forward, or forward + backward) on ``world_size`` GPUs from
-    per-step timings on this device. ``t1``: the one-GPU time of the whole call if already measured."""
+    per-step timings on this device. ``t1``: the one-GPU times (:func:`time_one_gpu_softmax`) if already measured.
+
+    Forward+backward is predicted for both backward modes: ``t_n`` recomputes each pair (``recompute=True``, K/V
+    travel again with the dk/dv accumulators), ``t_n_kept`` keeps the forward's graphs (``recompute=False``: per
+    step the backward cell minus the forward cell, only the accumulators travel).
+    """
     timer = timer or Timer(device)
     n = world_size
     lay = ShardLayout.for_sequence(T, n, load_balance)
@@ -179,74 +184,85 @@ def simulate_softmax(T: int, world_size: int, *, B: int = 1, Hq: int = 16, Hkv: 
     plan = RingPlan.build(spec.mask, B, Hq, lay)
     L = lay.local_len
     cd = torch.float64 if dtype == torch.float64 else torch.float32
+    cuda = torch.device(device).type == "cuda"
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     q, k, v = mk(B, Hq, L, D), mk(B, Hkv, L, D), mk(B, Hkv, L, D)
     peer_k, peer_v = mk(B, Hkv, L, D), mk(B, Hkv, L, D)  # the block a peer would send
     kv_bytes = 2 * k.numel() * k.element_size()
     acc_bytes = 2 * k.numel() * (8 if cd == torch.float64 else 4)
+    out = torch.randn(B, Hq, L, D, device=device, dtype=cd)  # merged statistics of the backward (values do not
+    lse = torch.randn(B, Hq, L, device=device, dtype=cd) + math.log(L)  # change the cost)
+    dout = torch.randn(B, Hq, L, D, device=device, dtype=dtype)
+    src = torch.empty(kv_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    side = (lambda: dst.copy_(src)) if cuda else None  # a transfer's HBM traffic next to the compute
     invariant = _translation_invariant(spec.mask)
-    if backward:
-        out = torch.randn(B, Hq, L, D, device=device, dtype=cd)
-        lse = torch.randn(B, Hq, L, device=device, dtype=cd) + math.log(L)
-        dout = torch.randn(B, Hq, L, D, device=device, dtype=dtype)
-    cache: Dict[tuple, Tuple[float, float]] = {}
-    cells = []
+    cache: Dict[tuple, Dict[str, float]] = {}
+    cells: Dict[Tuple[int, int], Dict[str, float]] = {}
     for r in range(n):
         ring = Ring(spec, plan, Group(None, r, n), k, v)
         for t in range(plan.steps + 1):
             s = (r - t) % n
             if not (plan.holds(r, t) and plan.pairs[r][s]):
-                cells.append(dict(rank=r, step=t, compute=0.0, compute_with_copy=0.0))
                 continue
             key = _pair_key(plan, r, s, invariant) if invariant else (r, s)
             if key not in cache:
                 blk = (peer_k.clone(), peer_v.clone())  # a fresh buffer, as a received block
+                fwd = lambda ring=ring, blk=blk, s=s: ring.forward_block(q, blk, s, ring.new_accs(q, cd))  # noqa
+                c = dict(fwd=timer(fwd), fwd_copy=timer(fwd, side) if cuda else None)
                 if backward:
-                    def fn(ring=ring, blk=blk, s=s):
+                    def bwd(ring=ring, blk=blk, s=s):
                         dq = torch.zeros(q.shape, dtype=cd, device=device)
                         ring.backward_block(q, blk, s, out, lse, dout, None, dq, [], [], cd)
-                else:
-                    def fn(ring=ring, blk=blk, s=s):
-                        ring.forward_block(q, blk, s, ring.new_accs(q, cd))
-                src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=device)
-                dst = torch.empty_like(src)
-                alone = timer(fn)
-                with_copy = timer(fn, side=lambda: dst.copy_(src)) if torch.device(device).type == "cuda" else alone
-                cache[key] = (alone, with_copy)
-            alone, with_copy = cache[key]
-            cells.append(dict(rank=r, step=t, compute=alone, compute_with_copy=with_copy))
+                    c.update(bwd=timer(bwd), bwd_copy=timer(bwd, side) if cuda else None)
+                cache[key] = c
+            cells[(r, t)] = cache[key]
     bw = link_bw * link_efficiency
-    steps = []
-    n_iter = plan.steps + (2 if backward else 1)
-    for t in range(n_iter):
-        worst = 0.0
-        for r in range(n):
-            c = next((x for x in cells if x["rank"] == r and x["step"] == t), None)
-            sends_kv = t <= plan.steps and t + 1 <= plan.t_max[(r - t) % n]
-            # backward: the accumulator of the block held at t − 1 moves on (or home) during step t
-            sends_acc = (backward and 1 <= t <= plan.steps + 1 and plan.holds(r, t - 1)
-                         and not (t == 1 and plan.t_max[r] == 0))
-            nbytes = (kv_bytes if sends_kv else 0) + (acc_bytes if sends_acc else 0)
-            comm = link_time(nbytes, bw, latency)
-            comp = 0.0 if c is None else (c["compute_with_copy"] if nbytes else c["compute"])
-            worst = max(worst, comp, comm)
-        steps.append(worst)
-    t_n = sum(steps)
+
+    def ring_time(phase: str, kv: bool, acc: bool, minus_fwd: bool = False) -> List[float]:
+        """Per ring step: max over ranks of max(compute, transfer); compute next to a copy when it transfers."""
+        steps = []
+        for t in range(plan.steps + (2 if acc else 1)):
+            worst = 0.0
+            for r in range(n):
+                sends_kv = kv and t <= plan.steps and t + 1 <= plan.t_max[(r - t) % n]
+                # the accumulator of the block held at t − 1 moves on (or home) during step t
+                sends_acc = (acc and 1 <= t <= plan.steps + 1 and plan.holds(r, t - 1)
+                             and not (t == 1 and plan.t_max[r] == 0))
+                nbytes = (kv_bytes if sends_kv else 0) + (acc_bytes if sends_acc else 0)
+                c = cells.get((r, t))
+                comp = 0.0
+                if c is not None:
+                    comp = c[phase + "_copy"] if nbytes and c[phase + "_copy"] is not None else c[phase]
+                    if minus_fwd:
+                        comp = max(comp - c["fwd"], 0.0)
+                worst = max(worst, comp, link_time(nbytes, bw, latency))
+            steps.append(worst)
+        return steps
+
+    fwd_steps = ring_time("fwd", kv=True, acc=False)
+    t_n = sum(fwd_steps)
+    res = dict(world_size=n, T=T, backward=backward, fwd_steps=fwd_steps)
+    if backward:
+        bwd_steps = ring_time("bwd", kv=True, acc=True)
+        kept_steps = ring_time("bwd", kv=False, acc=True, minus_fwd=True)
+        res.update(bwd_steps=bwd_steps, t_n_kept=t_n + sum(kept_steps))
+        t_n += sum(bwd_steps)
     if t1 is None:
         t1 = time_one_gpu_softmax(T, B=B, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, device=device, mask=mask,
                                   score_mod=score_mod, normalizer=normalizer, backend=backend, backward=backward,
                                   timer=timer)
-    src = torch.empty(kv_bytes, dtype=torch.uint8, device=device)
     copy = timer(lambda: src.clone())  # the block's bytes copied on this device (read + write)
-    del src
-    comp_max = [max((c["compute"] for c in cells if c["step"] == t), default=0.0) for t in range(n_iter)]
-    t1_same, t1_best = (t1["same"], t1["best"]) if isinstance(t1, dict) else (t1, t1)
-    return dict(world_size=n, T=T, backward=backward, t1=t1_same, t1_best=t1_best, t1_all=dict(same=t1_same, best=t1_best),
-                t_n=t_n, efficiency=t1_same / (n * t_n) if t_n else None,
-                efficiency_vs_best=t1_best / (n * t_n) if t_n else None, steps=steps, compute_per_step=comp_max,
-                kv_bytes=kv_bytes, link_s=link_time(kv_bytes, bw, latency), local_copy_s=copy, link_bw=bw,
-                ring_steps=plan.steps, pair_fraction=plan.pair_fraction(), distinct_cells=len(cache),
-                comm_bound_steps=sum(1 for st, c in zip(steps, comp_max) if st > c * 1.0001))
+    eff = lambda t1x, tn: None if not tn else t1x / (n * tn)  # noqa: E731
+    comp_max = [max((c["fwd"] for (r, tt), c in cells.items() if tt == t), default=0.0) for t in range(len(fwd_steps))]
+    res.update(t1=t1["same"], t1_best=t1["best"], t1_all=t1, t_n=t_n, efficiency=eff(t1["same"], t_n),
+               efficiency_vs_best=eff(t1["best"], t_n), kv_bytes=kv_bytes, link_s=link_time(kv_bytes, bw, latency),
+               local_copy_s=copy, link_bw=bw, ring_steps=plan.steps, pair_fraction=plan.pair_fraction(),
+               distinct_cells=len(cache),
+               comm_bound_steps=sum(1 for st, c in zip(fwd_steps, comp_max) if st > c * 1.0001))
+    if backward:
+        res.update(efficiency_kept=eff(t1["same"], res["t_n_kept"]))
+    return res
 
 
 def time_one_gpu_softmax(T: int, *, B, Hq, Hkv, D, dtype, device, mask, score_mod, normalizer, backend, backward,

@@ -6,7 +6,6 @@ output and of every gradient (parameter gradients summed over the ranks).
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import tempfile

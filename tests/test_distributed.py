@@ -3,7 +3,6 @@ and the real thing on 2 and 4 gloo processes (tests/dist_cases.py: outputs and g
 single-process float64 result, odd lengths, errors that reach every rank instead of hanging)."""
 from __future__ import annotations
 
-import math
 import os
 import random
 

@@ -25,6 +25,7 @@ that contains a boundary has ``P = 0`` beyond it; a document cut by a shard boun
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -111,15 +112,33 @@ def context_parallel_linear_attention(
     return local.finish(g)
 
 
+@dataclass
 class _Local:
-    """One rank's pieces run from ``[0 | I]``: ``o_aug [B,H,len,Dv'+R]`` and ``S_aug [N,H,R,Dv'+R]`` per piece."""
+    """One rank's pieces run from ``[0 | I]``: per piece ``o_aug [B, H, len, Dv' + R]`` (outputs ``o⁰`` and the
+    carried-back queries ``Q``) and ``S_out [N, H, R, Dv' + R]`` (``S⁰`` and ``P``; N = 1, or the piece's documents).
+    ``Dv_tot`` = Dv (+ 1 normalizer column), ``R`` = the state's rows (Dk after the feature map)."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    lay: ShardLayout
+    o_aug: List[Tensor]
+    S_out: List[Tensor]
+    seg_docs: List[Optional[List[Tuple[int, bool]]]]  # per piece: (global document, continues from before)
+    Dv_tot: int
+    R: int
+    S_init: Tensor
+    causal: bool
+    normalize: bool
+    dtype: torch.dtype
+    layout: str
+    output_final_state: bool
+    cu: Optional[Tensor]
+    n_docs: Optional[int]
+    cd: torch.dtype
+    device: torch.device
+    signature: dict
 
     def finish(self, g: Group):
-        lay: ShardLayout = self.layout_
-        Dv, R = self.Dv_tot, self.R
+        lay = self.lay
+        Dv = self.Dv_tot
         last = [s if self.cu is None else s[-1:] for s in self.S_out]  # the state each piece hands on
         # one collective for (P, S⁰): two would run their backward all-reduces in an order that may differ by rank
         PS = all_gather_stack(torch.stack(last), g)  # [n, nseg, B, H, R, Dv + R]
@@ -159,7 +178,7 @@ class _Local:
 
     def _doc_finals(self, g: Group, mine, PS):
         """Final state of every document: computed on the rank holding its end, summed over ranks."""
-        lay: ShardLayout = self.layout_
+        lay = self.lay
         Dv = self.Dv_tot
         part = torch.zeros(self.n_docs, *self.S_out[0].shape[1:-1], Dv, dtype=self.cd, device=self.device)
         for i, (s, n) in enumerate(lay.segments(g.rank)):
@@ -274,6 +293,6 @@ def _local(g: Group, q, k, v, *, rule, gate, beta, feature_map, normalize, scale
                      dtype=str(v.dtype), layout=layout, load_balance=load_balance, seq_len=seq_len, causal=causal,
                      normalize=normalize, form=form, cu_seqlens=None if cu is None else cu.tolist(),
                      final=output_final_state)
-    return _Local(layout_=lay, o_aug=o_aug, S_out=S_out, Dv_tot=Dv_tot, R=R, S_init=S_init, causal=causal,
+    return _Local(lay=lay, o_aug=o_aug, S_out=S_out, Dv_tot=Dv_tot, R=R, S_init=S_init, causal=causal,
                   normalize=normalize, dtype=v.dtype, layout=layout, output_final_state=output_final_state, cu=cu,
                   n_docs=n_docs, seg_docs=seg_docs, cd=cd, device=dev, signature=signature)

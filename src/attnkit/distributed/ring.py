@@ -173,7 +173,7 @@ class Spec:
     def call(self, q: Tensor, k: Tensor, v: Tensor, q_pos: int, k_pos: int, full: bool = False):
         """One attention call of query rows at positions ``q_pos + i`` over keys at ``k_pos + j``:
         ``(o, lse)`` for the softmax family, ``(o, None)`` otherwise. ``full``: every query sees every key; without
-        a score mod the positions then do not matter and the call goes unmasked (``auto`` may pick cuDNN)."""
+        a score mod the positions then do not matter and the call runs unmasked (no mask tiles to evaluate)."""
         soft = self.merge == "lse"
         if full and self.score_mod is None:
             res = attnkit.attention(q, k, v, normalizer=self.step_norm, scale=self.scale, backend=self.backend,
@@ -206,8 +206,8 @@ def _exp_rel(a: Tensor, m: Tensor) -> Tensor:
 class Acc:
     """Running merge of the partial results of one local query piece."""
 
-    def __init__(self, spec: Spec, B: int, H: int, L: int, Dv: int, cd, device, n_glob: Optional[Tensor]):
-        self.spec, self.n_glob = spec, n_glob
+    def __init__(self, spec: Spec, B: int, H: int, L: int, Dv: int, cd, device):
+        self.spec = spec
         self.o = torch.zeros(B, H, L, Dv, dtype=cd, device=device)
         self.lse = torch.full((B, H, L), -math.inf, dtype=cd, device=device) if spec.merge == "lse" else None
 
@@ -298,7 +298,7 @@ class Ring:
 
     def new_accs(self, q: Tensor, cd) -> List[Acc]:
         B, H = q.shape[:2]
-        return [Acc(self.spec, B, H, L, self.vshape[-1], cd, q.device, None) for _, L in self.segs[self.rank]]
+        return [Acc(self.spec, B, H, L, self.vshape[-1], cd, q.device) for _, L in self.segs[self.rank]]
 
     # -- compute on one block --------------------------------------------------------------------------
     def forward_block(self, q: Tensor, kv: Tuple[Tensor, Tensor], s: int, accs: List[Acc]) -> None:

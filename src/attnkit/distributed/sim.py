@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from attnkit import masks as M
 
 from ._compat import linear_name
 from .comm import Group
-from .ring import Acc, Ring, RingPlan, Spec, finish
+from .ring import Ring, RingPlan, Spec, finish
 from .shard import ShardLayout, inverse_permutation
 
 __all__ = ["run_ranks", "simulate_softmax", "simulate_linear", "Timer", "NVLINK_H200_PER_DIRECTION"]
@@ -278,13 +278,10 @@ def time_one_gpu_softmax(T: int, *, B, Hq, Hkv, D, dtype, device, mask, score_mo
         o = o[0] if lse else o
         if backward:
             torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
-    try:
-        soft = attnkit.normalizers.as_normalizer(normalizer).family == "softmax"
-        same = timer(lambda: fn(soft))
-        best = timer(lambda: fn(False)) if soft else same
-        return dict(same=same, best=best)
-    finally:
-        del q, k, v
+    soft = attnkit.normalizers.as_normalizer(normalizer).family == "softmax"
+    same = timer(lambda: fn(soft))
+    best = timer(lambda: fn(False)) if soft else same
+    return dict(same=same, best=best)
 
 
 def simulate_linear(T: int, world_size: int, *, rule: str, B: int = 1, H: int = 16, D: int = 128,

@@ -211,22 +211,22 @@ def chunk_dh_kernel(Q, K, Gp, W, DO, DU, DHT, DHS, DH0, DOCS, CHOFF,
 
 
 @triton.jit
-def chunk_grad_kernel(Q, K, V, Gp, BETA, HS, DHS, UN, DU, DO, TI, W, U0, DQ, DK, DV, DG, DBETA, CHUNKS, DOCS,
+def chunk_grad_kernel(Q, K, V, Gp, HS, DHS, UN, DU, DO, DQ, DK, DV, DG, DW, CHUNKS, DOCS,
                       sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                      sg_b, sg_h, sg_t, sg_d, sbe_b, sbe_h, sbe_t, so_b, so_h, so_t, so_d,
+                      sg_b, sg_h, sg_t, sg_d, so_b, so_h, so_t, so_d,
                       T, NT, H, QK_DIV, V_DIV, Dk, Dv, scale,
                       C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       DELTA: tl.constexpr, L2: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr):
-    """Gradients of one chunk (per state head; grouped heads are summed by the host). With ``dS'`` (DHS), ``S``
-    (HS), ``U``, ``dU`` (delta rules: DU; additive: ``Aᵀ dO + K̂ dS'`` here):
+    """Gradients of one chunk through ``O = Q̄ S + A U`` and ``S' = e^{b_C} ⊙ S + K̂ᵀ U`` (per state head;
+    grouped heads are summed by the host). With ``S`` (HS), ``dS'`` (DHS), ``U``, ``dU`` (delta rules: DU;
+    additive rules: ``Aᵀ dO + K̂ dS'`` computed here, and ``dV = dU``), over Dv tiles:
 
-        dQ̄ = dO Sᵀ,  dK̂ = U dS'ᵀ,  dA = dO Uᵀ,  dV = dU (additive)
-        delta:  dW = −dU Sᵀ,  dX_v = Tᵀ dU,  dX_k = Tᵀ dW,  dM = −(dX_v U₀ᵀ + dX_k Wᵀ) (strictly lower),
-                dV = β dX_v,  dK̄ = β dX_k,  dβ = Σ dX_v⊙V + Σ dX_k⊙K̄ + Σ_s dM⊙Ā,  dĀ = β dM
-        gates:  d b_t = Q̄⊙dQ̄ + K̄⊙dK̄ − K̂⊙dK̂ + (a⊙da − c⊙dc of each gram),
-                d b_C = e^{b_C} Σ_v S⊙dS' + Σ_t K̂⊙dK̂,   dg_u = Σ_{t ≥ u} d b_t + d b_C
-    """
+        dQ̄ = dO Sᵀ,  dK̂ = U dS'ᵀ,  dA = dO Uᵀ,  (delta) dW = −dU Sᵀ
+        d b_t = Q̄⊙dQ̄ − K̂⊙dK̂ + (q⊙dq − k⊙dk of A's gram),  d b_C = e^{b_C} Σ_v S⊙dS' + Σ_t K̂⊙dK̂
+
+    Additive rules finish here: dq, dk, dv and ``dg_u = Σ_{t ≥ u} d b_t + d b_C``. Delta rules write dq, and
+    dk, d b (with ``d b_C`` folded into the chunk's last token) and dW for :func:`chunk_wy_bwd_kernel`."""
     b, h, t0, eos, gi = chunk_coords(tl.program_id(0), tl.program_id(1), CHUNKS, DOCS, T, NT, H, C, VARLEN)
     rows = t0 + tl.arange(0, C)
     ok = rows < eos
@@ -239,24 +239,15 @@ def chunk_grad_kernel(Q, K, V, Gp, BETA, HS, DHS, UN, DU, DO, TI, W, U0, DQ, DK,
                      L2, ACC)
     goff = b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h
     g, bb, rb, bC = chunk_gates(Gp, goff, rows, ok, cols, Dk, sg_t, sg_d, GATE, ACC)
-    eb = tl.exp(bb)
-    er = tl.exp(rb)
-    qb = row_scale(qs, eb, GATE)
-    kh = row_scale(kk, er, GATE)
-    khd = kh.to(DT)
     srow = (b * H + h).to(tl.int64) * T
     voff = b.to(tl.int64) * sv_b + (h // V_DIV).to(tl.int64) * sv_h
     ooff = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     soff = (gi * H + h).to(tl.int64) * Dk * Dv
-    if DELTA:
-        beoff = b.to(tl.int64) * sbe_b + h.to(tl.int64) * sbe_h + rows.to(tl.int64) * sbe_t
-        beta = tl.load(BETA + beoff, mask=ok, other=0.0).to(ACC)
-        TdT = tl.trans(load_tile(TI, srow * C, rows, ok, rr, C, C, 1).to(DT))
-        dW = tl.zeros([C, BK], dtype=ACC)
-        dM = tl.zeros([C, C], dtype=ACC)
-        dbeta = tl.zeros([C], dtype=ACC)
-    else:
+    if not DELTA:
         AdT = tl.trans(gram(qs, kk, g, bb, False, GATE, C, LOG2C, BK, ACC, DT, PREC).to(DT))
+        khd = row_scale(kk, tl.exp(rb), GATE).to(DT)
+    else:
+        dW = tl.zeros([C, BK], dtype=ACC)
     dQb = tl.zeros([C, BK], dtype=ACC)
     dKh = tl.zeros([C, BK], dtype=ACC)
     dA = tl.zeros([C, C], dtype=ACC)
@@ -268,59 +259,110 @@ def chunk_grad_kernel(Q, K, V, Gp, BETA, HS, DHS, UN, DU, DO, TI, W, U0, DQ, DK,
         do = load_tile(DO, ooff, rows, ok, cv, Dv, so_t, so_d).to(DT)
         if DELTA:
             u = load_tile(UN, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
-            du = load_tile(DU, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(ACC)
+            dud = load_tile(DU, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
+            dW -= tl.dot(dud, tl.trans(hs), input_precision=PREC, out_dtype=ACC)
         else:
             u = load_tile(V, voff, rows, ok, cv, Dv, sv_t, sv_d).to(DT)
             du = tl.dot(AdT, do, input_precision=PREC, out_dtype=ACC)
             du = tl.dot(khd, dhs, du, input_precision=PREC, out_dtype=ACC)
+            store_tile(DV, srow * Dv, rows, ok, cv, Dv, Dv, 1, du)
         dQb = tl.dot(do, tl.trans(hs), dQb, input_precision=PREC, out_dtype=ACC)
         dKh = tl.dot(u, tl.trans(dhs), dKh, input_precision=PREC, out_dtype=ACC)
         dA = tl.dot(do, tl.trans(u), dA, input_precision=PREC, out_dtype=ACC)
         dSC += tl.sum(hs.to(ACC) * dhs.to(ACC), 1)
-        dud = du.to(DT)
-        if DELTA:
-            dW -= tl.dot(dud, tl.trans(hs), input_precision=PREC, out_dtype=ACC)
-            dxv = tl.dot(TdT, dud, input_precision=PREC, out_dtype=ACC)
-            vv = load_tile(V, voff, rows, ok, cv, Dv, sv_t, sv_d).to(ACC)
-            u0 = load_tile(U0, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
-            store_tile(DV, srow * Dv, rows, ok, cv, Dv, Dv, 1, dxv * beta[:, None])
-            dbeta += tl.sum(dxv * vv, 1)
-            dM -= tl.dot(dxv.to(DT), tl.trans(u0), input_precision=PREC, out_dtype=ACC)
-        else:
-            store_tile(DV, srow * Dv, rows, ok, cv, Dv, Dv, 1, du)
-    # q side and the output's gram
     dA = tl.where(rr[:, None] >= rr[None, :], dA, 0.0)
     da, dc, dbg = gram_bwd(dA, qs, kk, g, bb, False, GATE, C, LOG2C, BK, ACC, DT, PREC)
+    eb = tl.exp(bb)
     dqs = row_scale(dQb, eb, GATE) + da
-    dk = dc + row_scale(dKh, er, GATE)
-    dbb = qb * dQb - kh * dKh
-    dbC = tl.sum(kh * dKh, 0)
-    if DELTA:
-        w = load_tile(W, srow * Dk, rows, ok, cols, Dk, Dk, 1).to(DT)
-        dxk = tl.dot(TdT, dW.to(DT), input_precision=PREC, out_dtype=ACC)
-        dM -= tl.dot(dxk.to(DT), tl.trans(w), input_precision=PREC, out_dtype=ACC)
-        dM = tl.where(rr[:, None] > rr[None, :], dM, 0.0)
-        kb = row_scale(kk, eb, GATE)
-        dbeta += tl.sum(dxk * kb, 1)
-        dkb = dxk * beta[:, None]
-        dk += row_scale(dkb, eb, GATE)
-        dbb += kb * dkb
-        Ab = gram(kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC)
-        dbeta += tl.sum(dM * Ab, 1)
-        da2, dc2, dbg2 = gram_bwd(dM * beta[:, None], kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC)
-        dk += da2 + dc2
-        dbg += dbg2
-        tl.store(DBETA + (srow + rows), dbeta, mask=ok)
-    if GATE == 1:
-        dbt = tl.sum(dbb, 1) + dbg
-        dbt = tl.cumsum(dbt, 0, reverse=True) + (tl.sum(dbC, 0) + tl.exp(bC) * tl.sum(dSC, 0))
-        tl.store(DG + (srow + rows), dbt, mask=ok)
-    elif GATE == 2:
-        dbt = dbb + dbg
-        dbt = tl.cumsum(dbt, 0, reverse=True) + (dbC + tl.exp(bC) * dSC)[None, :]
-        store_tile(DG, srow * Dk, rows, ok, cols, Dk, Dk, 1, dbt)
     store_tile(DQ, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dqs * scale, qq, rq, L2))
+    if DELTA:
+        store_tile(DW, srow * Dk, rows, ok, cols, Dk, Dk, 1, dW)
+    er = tl.exp(rb)
+    kh = row_scale(kk, er, GATE)
+    dk = dc + row_scale(dKh, er, GATE)
+    if GATE > 0:
+        dbb = row_scale(qs, eb, GATE) * dQb - kh * dKh
+        dbC = tl.sum(kh * dKh, 0) + tl.exp(bC) * dSC  # [BK]
+        if GATE == 1:
+            dbt = tl.sum(dbb, 1) + dbg
+            dbC = tl.sum(dbC, 0)
+        else:
+            dbt = dbb + dbg
+        if DELTA:  # d b_C on the chunk's last token: the reverse cumsum (wy_bwd) spreads it over the chunk
+            last = rows == (tl.minimum(eos, t0 + C) - 1)
+            if GATE == 1:
+                dbt += tl.where(last, dbC, 0.0)
+                tl.store(DG + (srow + rows), dbt, mask=ok)
+            else:
+                dbt += tl.where(last[:, None], dbC[None, :], 0.0)
+                store_tile(DG, srow * Dk, rows, ok, cols, Dk, Dk, 1, dbt)
+        else:
+            if GATE == 1:
+                tl.store(DG + (srow + rows), tl.cumsum(dbt, 0, reverse=True) + dbC, mask=ok)
+            else:
+                store_tile(DG, srow * Dk, rows, ok, cols, Dk, Dk, 1, tl.cumsum(dbt, 0, reverse=True) + dbC[None, :])
+    if DELTA:
+        store_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1, dk)
+    else:
+        store_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dk, kk, rk, L2))
+
+
+@triton.jit
+def chunk_wy_bwd_kernel(K, V, Gp, BETA, TI, W, U0, DU, DW, DK, DV, DG, DBETA, CHUNKS, DOCS,
+                        sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sg_b, sg_h, sg_t, sg_d, sbe_b, sbe_h, sbe_t,
+                        T, NT, H, QK_DIV, V_DIV, Dk, Dv,
+                        C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                        L2: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """The UT transform's backward (delta rules) and the final dk, dg: with ``dU₀ = dU`` and dW,
+
+        dX_v = Tᵀ dU,  dX_k = Tᵀ dW,  dM = −(dX_v U₀ᵀ + dX_k Wᵀ) (strictly lower),  dV = β dX_v,
+        dβ = Σ dX_v⊙V + Σ dX_k⊙K̄ + Σ_s dM⊙Ā,  dK̄ = β dX_k,  dĀ = β dM
+
+    then dk (+ the partial from :func:`chunk_grad_kernel`, through the L2 norm) and ``dg_u = Σ_{t ≥ u} d b_t``."""
+    b, h, t0, eos, gi = chunk_coords(tl.program_id(0), tl.program_id(1), CHUNKS, DOCS, T, NT, H, C, VARLEN)
+    rows = t0 + tl.arange(0, C)
+    ok = rows < eos
+    cols = tl.arange(0, BK)
+    rr = tl.arange(0, C)
+    srow = (b * H + h).to(tl.int64) * T
+    beta = tl.load(BETA + b.to(tl.int64) * sbe_b + h.to(tl.int64) * sbe_h + rows.to(tl.int64) * sbe_t, mask=ok,
+                   other=0.0).to(ACC)
+    TdT = tl.trans(load_tile(TI, srow * C, rows, ok, rr, C, C, 1).to(DT))
+    voff = b.to(tl.int64) * sv_b + (h // V_DIV).to(tl.int64) * sv_h
+    dM = tl.zeros([C, C], dtype=ACC)
+    dbeta = tl.zeros([C], dtype=ACC)
+    for iv in range(tl.cdiv(Dv, BV)):
+        cv = iv * BV + tl.arange(0, BV)
+        dxv = tl.dot(TdT, load_tile(DU, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT), input_precision=PREC,
+                     out_dtype=ACC)
+        store_tile(DV, srow * Dv, rows, ok, cv, Dv, Dv, 1, dxv * beta[:, None])
+        dbeta += tl.sum(dxv * load_tile(V, voff, rows, ok, cv, Dv, sv_t, sv_d).to(ACC), 1)
+        u0 = load_tile(U0, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
+        dM -= tl.dot(dxv.to(DT), tl.trans(u0), input_precision=PREC, out_dtype=ACC)
+    dxk = tl.dot(TdT, load_tile(DW, srow * Dk, rows, ok, cols, Dk, Dk, 1).to(DT), input_precision=PREC,
+                 out_dtype=ACC)
+    w = load_tile(W, srow * Dk, rows, ok, cols, Dk, Dk, 1).to(DT)
+    dM -= tl.dot(dxk.to(DT), tl.trans(w), input_precision=PREC, out_dtype=ACC)
+    dM = tl.where(rr[:, None] > rr[None, :], dM, 0.0)
+    kk, rk = load_qk(K, b.to(tl.int64) * sk_b + (h // QK_DIV).to(tl.int64) * sk_h, rows, ok, cols, Dk, sk_t, sk_d,
+                     L2, ACC)
+    g, bb, rb, bC = chunk_gates(Gp, b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h, rows, ok, cols, Dk, sg_t, sg_d,
+                                GATE, ACC)
+    kb = row_scale(kk, tl.exp(bb), GATE)
+    dbeta += tl.sum(dxk * kb, 1)
+    dbeta += tl.sum(dM * gram(kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC), 1)
+    tl.store(DBETA + (srow + rows), dbeta, mask=ok)
+    dkb = dxk * beta[:, None]
+    da, dc, dbg = gram_bwd(dM * beta[:, None], kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC)
+    dk = load_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1) + row_scale(dkb, tl.exp(bb), GATE) + da + dc
     store_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dk, kk, rk, L2))
+    if GATE == 1:
+        dbt = tl.load(DG + (srow + rows), mask=ok, other=0.0) + tl.sum(kb * dkb, 1) + dbg
+        tl.store(DG + (srow + rows), tl.cumsum(dbt, 0, reverse=True), mask=ok)
+    elif GATE == 2:
+        dbt = load_tile(DG, srow * Dk, rows, ok, cols, Dk, Dk, 1) + kb * dkb + dbg
+        store_tile(DG, srow * Dk, rows, ok, cols, Dk, Dk, 1, tl.cumsum(dbt, 0, reverse=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,16 +547,22 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
     elif p.gate == GATE_CHANNEL:
         dg = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t)
     dbeta = torch.empty(B, H, T, device=dev, dtype=acc_t) if p.delta else None
+    dW = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t) if p.delta else None
     if _POISON:
-        for t in (dq, dk, dv, dg, dbeta):
+        for t in (dq, dk, dv, dg, dbeta, dW):
             if t is not None:
                 t.fill_(float("nan"))
-    chunk_grad_kernel[p.grid_c](q, k, v, gt, _or(beta, q), sc["HS"], DHS, _or(sc["UN"], q), _or(DU, q), do,
-                                _or(sc["TI"], q), _or(sc["W"], q), _or(sc["U0"], q), dq, dk, dv, _or(dg, dq),
-                                _or(dbeta, dq), chunks, docs,
-                                *_st(q, 4), *_st(k, 4), *_st(v, 4), *_st(g, 4), *_st(beta, 3), *_st(do, 4),
+    chunk_grad_kernel[p.grid_c](q, k, v, gt, sc["HS"], DHS, _or(sc["UN"], q), _or(DU, q), do, dq, dk, dv,
+                                _or(dg, dq), _or(dW, dq), chunks, docs,
+                                *_st(q, 4), *_st(k, 4), *_st(v, 4), *_st(g, 4), *_st(do, 4),
                                 T, p.nt, H, p.qk_div, p.v_div, Dk, Dv, p.scale, BV=tb.bv_grad, DELTA=p.delta,
                                 num_warps=tb.warps_grad, num_stages=1, **cx)
+    if p.delta:
+        chunk_wy_bwd_kernel[p.grid_c](k, v, gt, beta, sc["TI"], sc["W"], sc["U0"], DU, dW, dk, dv, _or(dg, dq),
+                                      dbeta, chunks, docs, *_st(k, 4), *_st(v, 4), *_st(g, 4), *_st(beta, 3),
+                                      T, p.nt, H, p.qk_div, p.v_div, Dk, Dv, BV=tb.bv_grad,
+                                      num_warps=tb.warps_grad, num_stages=1,
+                                      **{k_: v_ for k_, v_ in cx.items()})
     return dq, dk, dv, dg, dbeta, dh0
 
 

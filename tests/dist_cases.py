@@ -23,6 +23,7 @@ import attnkit
 import attnkit.distributed as cp
 from attnkit.distributed._compat import linear_name
 from attnkit import masks as M
+from attnkit import AarenState, LogLinearState
 from attnkit import normalizers as N
 from attnkit import scores as S
 
@@ -246,11 +247,15 @@ def softmax_cases(n: int) -> list:
 
 def linear_case(T: int, rule: str, *, lb=None, fm=None, normalize=False, causal=True, init=False, final=False,
                 docs: Optional[int] = None, D: int = 4, Dv: int = 3, B: int = 2, H: int = 2,
-                chunk_size: int = 4, form: str = "chunk") -> Callable[[Ctx], None]:
+                chunk_size: int = 4, form: str = "chunk", base: Optional[str] = None) -> Callable[[Ctx], None]:
+    """Compare context_parallel_linear_attention with linear_attention on the whole sequence (``rule="log_linear"``
+    with ``base``: level weights of 7 levels, states as LogLinearState)."""
+    ll = rule == "log_linear"
+
     def run(c: Ctx):
         lay = cp.ShardLayout.for_sequence(T, c.n, lb)
         b = 1 if docs else B
-        spec = linear_name("RULES")[rule]
+        spec = linear_name("RULES")[base if ll else rule]
         q = c.randn(b, H, T, D).requires_grad_()
         k = None if rule == "hgrn2" else c.randn(b, H, T, D).requires_grad_()
         v = c.randn(b, H, T, Dv).requires_grad_()
@@ -261,21 +266,28 @@ def linear_case(T: int, rule: str, *, lb=None, fm=None, normalize=False, causal=
             kw["gate"] = (-c.rand(b, H, T, D) * 0.5).requires_grad_()
         if spec.delta:
             kw["beta"] = c.rand(b, H, T).requires_grad_()
-        grads += [kw[x] for x in ("gate", "beta") if x in kw]
+        if ll:
+            kw["level_weights"] = c.rand(b, H, T, 7).requires_grad_()
+        grads += [kw[x] for x in ("gate", "beta", "level_weights") if x in kw]
         cu = None
         if docs:
             cu = torch.tensor([0] + sorted(random.sample(range(1, T), docs - 1)) + [T])
         Dk = (D if fm is None else linear_name("as_feature_map")(fm).dim(D))
         n_states = b if cu is None else docs
-        S0 = c.randn(n_states, H, Dk, Dv + (1 if normalize else 0)).requires_grad_() if init else None
+        shape = (n_states, H) + ((7,) if ll else ()) + (Dk, Dv + (1 if normalize else 0))
+        S0 = c.randn(*shape).requires_grad_() if init else None
         if S0 is not None and normalize:
             S0 = S0.detach().abs().requires_grad_()
         if S0 is not None:
             grads.append(S0)
+        wrap = (lambda x: None if x is None else LogLinearState(x, torch.zeros(b, dtype=torch.long))) if ll \
+            else (lambda x: x)
+        unwrap = (lambda st: st.levels) if ll else (lambda st: st)
         common = dict(rule=rule, feature_map=fm, normalize=normalize, causal=causal, chunk_size=chunk_size,
-                      qk_l2norm=spec.delta, form=form)
-        o_ref, s_ref = attnkit.linear_attention(q, k, v, initial_state=S0, output_final_state=final,
+                      qk_l2norm=spec.delta, form=form, **({"base": base} if ll else {}))
+        o_ref, s_ref = attnkit.linear_attention(q, k, v, initial_state=wrap(S0), output_final_state=final,
                                                 cu_seqlens=cu, **common, **kw)
+        s_ref = unwrap(s_ref) if final else None
         do = c.randn(*o_ref.shape)
         dS = c.randn(*s_ref.shape) if final else None
         g_ref = torch.autograd.grad([o_ref] + ([s_ref] if final else []), grads, [do] + ([dS] if final else []))
@@ -283,25 +295,68 @@ def linear_case(T: int, rule: str, *, lb=None, fm=None, normalize=False, causal=
         kwl = {name: sh(t) for name, t in kw.items()}
         ql, kl, vl = sh(q), sh(k), sh(v)
         S0l = None if S0 is None else S0.detach().clone().requires_grad_()
-        o, s = cp.context_parallel_linear_attention(ql, kl, vl, initial_state=S0l, output_final_state=final,
+        o, s = cp.context_parallel_linear_attention(ql, kl, vl, initial_state=wrap(S0l), output_final_state=final,
                                                     cu_seqlens=cu, load_balance=lb,
                                                     seq_len=T if lay.total != T else None, **common, **kwl)
         want, keep = c.local(o_ref.detach(), lb)
         idx = keep.nonzero().flatten()
         close(c, "out", o.index_select(2, idx), want)
         if final:
+            if ll and not torch.equal(s.position, torch.full((b,), lay.total)):
+                c.errors.append(f"final position {s.position.tolist()}, want {lay.total}")
+            s = unwrap(s)
             close(c, "final_state", s, s_ref.detach())
-        locals_ = [ql, vl] + ([kl] if kl is not None else []) + [kwl[x] for x in ("gate", "beta") if x in kwl]
+        locals_ = [ql, vl] + ([kl] if kl is not None else []) + [kwl[x] for x in ("gate", "beta", "level_weights")
+                                                                 if x in kwl]
         ins = locals_ + ([S0l] if S0l is not None else [])
         # the final state is replicated: each rank's loss takes 1/n of its cotangent (the gradients sum over ranks)
         g = torch.autograd.grad([o] + ([s] if final else []), ins,
                                 [sh(do)] + ([dS / c.n] if final else []), allow_unused=True)
-        names = ["dq", "dv"] + (["dk"] if k is not None else []) + [f"d{x}" for x in ("gate", "beta") if x in kw]
+        names = ["dq", "dv"] + (["dk"] if k is not None else []) + [f"d{x}" for x in ("gate", "beta", "level_weights")
+                                                                    if x in kw]
         for name, got, want_full in zip(names, g, g_ref):
             want, _ = c.local(want_full, lb)
             close(c, name, got.index_select(2, idx), want)
         if S0l is not None:
             close(c, "d_initial_state", sum_ranks(torch.zeros_like(S0l) if g[-1] is None else g[-1]), g_ref[-1])
+    return run
+
+
+def aaren_case(T: int, *, lb=None, init=False, final=False, D: int = 4, Dv: int = 3, B: int = 2,
+               H: int = 2) -> Callable[[Ctx], None]:
+    """Aaren with a learned query (parameter gradient summed over the ranks)."""
+
+    def run(c: Ctx):
+        lay = cp.ShardLayout.for_sequence(T, c.n, lb)
+        k = c.randn(B, H, T, D).requires_grad_()
+        v = c.randn(B, H, T, Dv).requires_grad_()
+        query = torch.nn.Parameter(c.randn(H, D))
+        S0 = AarenState(c.randn(B, H), c.randn(B, H, Dv), c.rand(B, H) + 0.5) if init else None
+        call = dict(rule="aaren", query=query, chunk_size=4)
+        o_ref, s_ref = attnkit.linear_attention(None, k, v, initial_state=S0, output_final_state=final, **call)
+        do = c.randn(*o_ref.shape)
+        outs, gouts = [o_ref], [do]
+        if final:
+            dn, dd = c.randn(B, H, Dv), c.randn(B, H)
+            outs += [s_ref.num, s_ref.den]
+            gouts += [dn, dd]
+        g_ref = torch.autograd.grad(outs, [k, v, query], gouts)
+        kl, vl = c.shard(k, lb), c.shard(v, lb)
+        o, s = cp.context_parallel_linear_attention(None, kl, vl, initial_state=S0, output_final_state=final,
+                                                    load_balance=lb, seq_len=T if lay.total != T else None, **call)
+        want, keep = c.local(o_ref.detach(), lb)
+        idx = keep.nonzero().flatten()
+        close(c, "out", o.index_select(2, idx), want)
+        outs, gouts = [o], [c.shard(do, lb)]
+        if final:
+            for name in ("max", "num", "den"):
+                close(c, f"final_{name}", getattr(s, name), getattr(s_ref, name).detach())
+            outs += [s.num, s.den]
+            gouts += [dn / c.n, dd / c.n]
+        g = torch.autograd.grad(outs, [kl, vl, query], gouts, allow_unused=True)
+        for name, got, want_full in zip(("dk", "dv"), g[:2], g_ref[:2]):
+            close(c, name, got.index_select(2, idx), c.local(want_full, lb)[0])
+        close(c, "dquery", sum_ranks(g[2]), g_ref[2])
     return run
 
 
@@ -323,6 +378,11 @@ def linear_cases(n: int) -> list:
         ("kda_zz_odd", linear_case(T - 3, "kda", lb="zigzag", init=True, final=True)),
         ("gla_docs_final", linear_case(T, "gla", docs=4, init=True, final=True)),
         ("kda_docs_zz", linear_case(T, "kda", docs=3, lb="zigzag", final=True)),
+        ("log_linear_init_final", linear_case(T, "log_linear", base="linear", init=True, final=True)),
+        ("log_linear_mamba2_zz_odd", linear_case(T - 3, "log_linear", base="scalar_gate", lb="zigzag")),
+        ("log_linear_gated_delta_zz", linear_case(T, "log_linear", base="gated_delta", lb="zigzag", final=True)),
+        ("aaren_init_final", aaren_case(T, init=True, final=True)),
+        ("aaren_zz_odd", aaren_case(T - 3, lb="zigzag")),
     ]
 
 
@@ -390,7 +450,10 @@ def err_refusals(c: Ctx):
     expect_error(lambda: cp.context_parallel_attention(q, q, q, strategy="tree"), ValueError, "strategy")
     expect_error(lambda: cp.context_parallel_attention(q, q, q, load_balance="zigzag", return_lse=True,
                                                        normalizer="sigmoid"), ValueError, "return_lse")
-    expect_error(lambda: cp.context_parallel_linear_attention(q, q, q, rule="aaren"), ValueError, "matrix-state")
+    expect_error(lambda: cp.context_parallel_linear_attention(q, q, q, rule="aaren"), ValueError,
+                 "context_parallel_attention")
+    expect_error(lambda: cp.context_parallel_linear_attention(q, q, q, rule="log_linear", cu_seqlens=torch.tensor(
+        [0, 4 * c.n]), level_weights=q[..., :3]), ValueError, "whole documents")
     expect_error(lambda: cp.context_parallel_linear_attention(q, q, q, rule="retention", seq_len=4 * c.n - 1,
                                                               output_final_state=True), ValueError, "padded")
 

@@ -153,45 +153,35 @@ class RowStatsSink:
         for name in ("z", "sink", "win", "dist"):
             setattr(self, name, getattr(self, name) * alpha)
 
-    def topk(self, key: Tensor, kmax: Tensor, c0: int, p: Optional[Tensor] = None) -> None:
+    def topk(self, key: Tensor, c0: int, gmax: Tensor, tmax: Tensor, p: Optional[Tensor] = None) -> None:
         """Merge a tile's keys into the running top-k: ``key`` orders the keys (the score for softmax, ``|p|``
-        else; masked keys −inf / −1), ``kmax`` its row max, ``p`` the weights (elementwise paths)."""
+        else; masked keys −inf / −1), ``gmax, tmax`` its group and row maxima (:func:`group_max`), ``p`` the
+        weights (exact paths)."""
         K = self.spec.topk
-        if K == 0:
+        if K == 0 or not bool((tmax > self.tk_key[..., -1]).any()):
             return
-        cand = kmax > self.tk_key[..., -1]
-        if not bool(cand.any()):
-            return
-        lc = key.shape[-1]
-        rows = cand.reshape(-1).nonzero().squeeze(1)
-        fk = key.reshape(-1, lc)[rows]
-        v, j = fk.topk(min(K, lc), -1)
-        tk_key, tk_idx, tk_w = (t.view(-1, K) for t in (self.tk_key, self.tk_idx, self.tk_w))
-        allv = torch.cat([tk_key[rows], v], -1)
-        alli = torch.cat([tk_idx[rows], j + c0], -1)
+        v, j = tile_topk(key, gmax, K)
+        allv = torch.cat([self.tk_key, v], -1)
         nv, sel = allv.topk(K, -1)
-        tk_key[rows] = nv
-        tk_idx[rows] = alli.gather(-1, sel)
+        self.tk_key = nv
+        self.tk_idx = torch.cat([self.tk_idx, j + c0], -1).gather(-1, sel)
         if p is not None:
-            allw = torch.cat([tk_w[rows], p.reshape(-1, lc)[rows].gather(-1, j)], -1)
-            tk_w[rows] = allw.gather(-1, sel)
+            self.tk_w = torch.cat([self.tk_w, p.gather(-1, j)], -1).gather(-1, sel)
 
-    def features(self, w: Tensor, r0: int, r1: int, c0: int, c1: int, visible: Optional[Tensor]) -> None:
-        """Add a tile of non-negative weights ``w [B, H, lr, lc]`` (0 at masked keys) to z, sink, window and
-        distance sums."""
+    def features(self, w: Tensor, zt: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Add a tile of non-negative weights ``w [B, H, lr, lc]`` (0 at masked keys) with row sums ``zt`` to the
+        z, sink, window and distance sums."""
         g, sp = self.geo, self.spec
         pq, pk = g.rel(r0, r1, c0, c1)
         lc = c1 - c0
         # the tile's range of q − k over all pairs
         dlo, dhi = float(pq[0]) - (lc - 1), float(pq[-1])
         if dlo >= 0 or dhi <= 0:  # every key on one side of every query: Σ w |Δ| from Σ w and Σ w·k
-            zt = w.sum(-1)
             swk = torch.matmul(w, pk)
             dist = pq * zt - swk if dlo >= 0 else swk - pq * zt
             d = None
         else:
             d = (pq[:, None] - pk[None, :]).abs_()
-            zt = w.sum(-1)
             dist = torch.linalg.vecdot(w, d)
         self.z += zt
         self.dist += dist
@@ -208,23 +198,23 @@ class RowStatsSink:
             self.sink += w[..., :n_in].sum(-1)
 
     # -- the two kinds of tiles ---------------------------------------------------------------------
-    def add_softmax(self, s: Tensor, x: Tensor, e: Tensor, tmax: Tensor, r0, r1, c0, c1, visible) -> None:
-        """``e = e^{s − m}`` (0 where masked), ``x = s − m`` (0 where masked), ``s`` the masked scores."""
-        self.features(e, r0, r1, c0, c1, visible)
+    def add_softmax(self, x: Tensor, e: Tensor, zt: Tensor, r0, r1, c0, c1) -> None:
+        """``e = e^{s − m}`` (0 where masked) with row sums ``zt``, ``x = s − m`` (0 where masked)."""
+        self.features(e, zt, r0, r1, c0, c1)
         self.wx += torch.linalg.vecdot(e, x)
 
-    def topk_softmax(self, s: Tensor, tmax: Tensor, c0: int) -> None:
-        self.topk(s, tmax, c0)
+    def topk_softmax(self, s: Tensor, c0: int, gmax: Tensor, tmax: Tensor) -> None:
+        self.topk(s, c0, gmax, tmax)
 
     def add_exact(self, p: Tensor, r0, r1, c0, c1, visible: Optional[Tensor]) -> None:
         """Exact weights ``p`` of a tile (0 where masked); ``visible`` the tile's mask or None (all visible)."""
         w = p.abs()
         self.signed += p.sum(-1)
         self.wx += torch.special.xlogy(w, w).sum(-1)
-        self.features(w, r0, r1, c0, c1, visible)
+        self.features(w, w.sum(-1), r0, r1, c0, c1)
         if self.spec.topk:
             key = w if visible is None else torch.where(visible, w, w.new_full((), -1.0))
-            self.topk(key, key.amax(-1), c0, p)
+            self.topk(key, c0, *group_max(key), p)
 
     def end(self, m: Optional[Tensor] = None, lse: Optional[Tensor] = None, mass: Optional[Tensor] = None) -> None:
         """Close the query tile. Softmax: the running max ``m`` (what ``e`` is relative to), the row's
@@ -280,10 +270,10 @@ class BlockSink:
         if lc % self.cs:
             self.acc[..., b0 + nfull] += w[..., nfull * self.cs:].sum(-1)
 
-    def add_softmax(self, s, x, e, tmax, r0, r1, c0, c1, visible) -> None:
+    def add_softmax(self, x, e, zt, r0, r1, c0, c1) -> None:
         self._add(e, c0, c1)
 
-    def topk_softmax(self, s, tmax, c0) -> None:
+    def topk_softmax(self, s, c0, gmax, tmax) -> None:
         pass
 
     def add_exact(self, p, r0, r1, c0, c1, visible) -> None:
@@ -301,6 +291,35 @@ class BlockSink:
         cn = torch.full((self.nc,), float(self.cs), dtype=dt, device=dev)
         cn[-1] = self.Lk - self.cs * (self.nc - 1)
         return self.out / (rn[:, None] * cn[None, :])
+
+
+#: columns per group of the two-level top-k (:func:`tile_topk`)
+GROUP = 32
+
+
+def group_max(key: Tensor):
+    """Maxima of groups of :data:`GROUP` columns ``[..., ceil(lc / GROUP)]`` and of whole rows ``[...]``."""
+    lc = key.shape[-1]
+    if lc % GROUP:
+        key = torch.nn.functional.pad(key, (0, GROUP - lc % GROUP), value=-math.inf)
+    gmax = key.unflatten(-1, (-1, GROUP)).amax(-1)
+    return gmax, gmax.amax(-1)
+
+
+def tile_topk(key: Tensor, gmax: Tensor, K: int):
+    """The K largest entries of each row of ``key [..., lc]`` (values, column indices; fewer if lc < K), in two
+    levels: the K groups of largest maximum hold the K largest entries (each group with a larger maximum holds a
+    larger entry), so only K·GROUP candidates are ranked instead of lc."""
+    lc = key.shape[-1]
+    if lc <= K * GROUP:
+        return key.topk(min(K, lc), -1)
+    if lc % GROUP:
+        key = torch.nn.functional.pad(key, (0, GROUP - lc % GROUP), value=-math.inf)
+    g = gmax.topk(K, -1).indices  # [..., K]
+    cand = key.unflatten(-1, (-1, GROUP)).gather(-2, g[..., None].expand(*g.shape, GROUP))  # [..., K, GROUP]
+    v, j = cand.flatten(-2).topk(K, -1)
+    col = g.gather(-1, j // GROUP) * GROUP + j % GROUP
+    return v, col
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +363,9 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
             if soft and lse_all is None:
                 if mb is not None:
                     s = s.masked_fill(~mb, -math.inf)
-                tmax = s.amax(-1)
+                gmax, tmax = group_max(s)
                 for sk in sinks:
-                    sk.topk_softmax(s, tmax, c0)
+                    sk.topk_softmax(s, c0, gmax, tmax)
                 m_new = torch.maximum(m, tmax)
                 mu_new = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
                 if bool((mu_new != m_use).any()):
@@ -360,9 +379,10 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
                 e = torch.exp(x)
                 if mb is not None:
                     x = x.masked_fill_(~mb, 0.0)
-                z = z + e.sum(-1)
+                zt = e.sum(-1)
+                z = z + zt
                 for sk in sinks:
-                    sk.add_softmax(s, x, e, tmax, r0, r1, c0, c1, mb)
+                    sk.add_softmax(x, e, zt, r0, r1, c0, c1)
             else:
                 p = _exact_weights(call, s, mb, r0, r1, lse_all)
                 for sk in sinks:

@@ -214,6 +214,11 @@ def softmax_cases(n: int) -> list:
             (f"sigmoid/{tag}", softmax_case(T, mask="causal", normalizer="sigmoid", lb=lb)),
             (f"odd_length_causal/{tag}", softmax_case(T - 3, mask="causal", lb=lb)),
         ]
+    if n > 2:  # the variants below run on 2 processes only (same code paths; start-up and CPU time are shared)
+        return cases + [("kept_graphs_sink_window_lse", softmax_case(T, mask=M.sliding_window(5), normalizer=sink,
+                                                                     return_lse=True, recompute=False)),
+                        ("allgather_relaxed_odd", softmax_case(T - 3, mask="causal", strategy="allgather",
+                                                               normalizer=N.relaxed(0.2)))]
     cases += [
         ("odd_length_doc", softmax_case(T - 5, mask="doc")),
         ("odd_length_full_sigmoid", softmax_case(T - 1, mask=None, normalizer="sigmoid", lb=None)),
@@ -362,6 +367,15 @@ def aaren_case(T: int, *, lb=None, init=False, final=False, D: int = 4, Dv: int 
 
 def linear_cases(n: int) -> list:
     T = 8 * n
+    if n > 2:  # the required rules (and zigzag, padding, documents); every option runs on 2 processes
+        return [("linear_zz_odd_init_final", linear_case(T - 3, "linear", lb="zigzag", init=True, final=True)),
+                ("scalar_gate", linear_case(T, "scalar_gate", init=True, final=True)),
+                ("gla_zz", linear_case(T, "gla", lb="zigzag", final=True)),
+                ("delta", linear_case(T, "delta", init=True, final=True)),
+                ("gated_delta_odd", linear_case(T - 5, "gated_delta", final=True, init=True)),
+                ("kda_docs_zz", linear_case(T, "kda", docs=3, lb="zigzag", final=True)),
+                ("log_linear_gated_delta_zz", linear_case(T, "log_linear", base="gated_delta", lb="zigzag")),
+                ("aaren_zz_odd", aaren_case(T - 3, lb="zigzag"))]
     return [
         ("linear", linear_case(T, "linear")),
         ("linear_zz_odd_init_final", linear_case(T - 3, "linear", lb="zigzag", init=True, final=True)),

@@ -6,18 +6,26 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
-import torch
+_env = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # if this module imports attnkit first, its kernels run in the interpreter
 
-import attnkit
-import attnkit.distributed as cp
-from attnkit import masks as M
-from attnkit import normalizers as N
-from attnkit import scores as S
-from attnkit.distributed.ring import RingPlan, chunk_visibility
-from attnkit.distributed.sim import run_ranks, simulate_linear, simulate_softmax, Timer
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from conftest import one_thread
+import attnkit  # noqa: E402
+import attnkit.distributed as cp  # noqa: E402
+from attnkit import masks as M  # noqa: E402
+from attnkit import normalizers as N  # noqa: E402
+from attnkit import scores as S  # noqa: E402
+from attnkit.distributed.ring import RingPlan, chunk_visibility  # noqa: E402
+from attnkit.distributed.sim import run_ranks, simulate_linear, simulate_softmax, Timer  # noqa: E402
+
+from conftest import one_thread  # noqa: E402
+
+if _env is None:  # after every triton.jit: the rest of the session keeps its environment
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _env
 
 F64 = torch.float64
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -199,6 +207,27 @@ def test_replayed_ring_sink_and_lse_gradients():
                             backend="reference")
     torch.testing.assert_close(out, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_replayed_ring_with_fused_kernels(monkeypatch):
+    """The ring's calls through the fused Triton kernels (interpreter): q/kv offsets (a positional score mod),
+    lse and its gradient, a sink logit, padding."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # before triton's import: the kernels are decorated for it
+    pytest.importorskip("triton")
+    kw = dict(mask=M.causal, normalizer=N.softmax_sink(torch.randn(2, dtype=F64)), score_mod=S.alibi())
+    n, T, D = 2, 13, 16
+    lb = None  # one pair per ring step (the interpreter is slow); offsets as in zigzag
+    lay = cp.ShardLayout.for_sequence(T, n, lb)
+    q, k, v = (torch.randn(1, 2, T, D, dtype=F64) for _ in range(3))
+    dout = torch.randn(1, 2, T, D, dtype=F64)
+    o_ref, dq_ref, dk_ref, dv_ref = _ref_and_grads(q, k, v, dout, **kw)
+    pad = lambda x: torch.cat([x, torch.randn(1, 2, lay.total - T, D, dtype=F64)], 2)  # noqa: E731
+    out, _, (dq, dk, dv, _) = run_ranks(pad(q), pad(k), pad(v), world_size=n, load_balance=lb, seq_len=T,
+                                        backend="triton", dout=dout, **kw)
+    assert attnkit.last_backend() == "triton/fused"
+    for got, want in ((out, o_ref), (dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------

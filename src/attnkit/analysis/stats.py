@@ -216,9 +216,11 @@ class RowStatsSink:
             key = w if visible is None else torch.where(visible, w, w.new_full((), -1.0))
             self.topk(key, c0, *group_max(key), p)
 
-    def end(self, m: Optional[Tensor] = None, lse: Optional[Tensor] = None, mass: Optional[Tensor] = None) -> None:
-        """Close the query tile. Softmax: the running max ``m`` (what ``e`` is relative to), the row's
-        log-normalizer ``lse`` and its ``mass``; exact paths pass none (their mass is the signed sum)."""
+    def end(self, row_scale: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+            mass: Optional[Tensor] = None) -> None:
+        """Close the query tile. Softmax: ``row_scale = e^{m − lse}`` (what turns ``e`` into weights), the row's
+        log-normalizer ``lse`` and its ``mass``. Exact paths: an optional ``row_scale`` (a per-row normalizer
+        applied after the walk, e.g. normalized linear attention); their mass is the signed sum."""
         r0, r1, o = self.r0, self.r1, self.out
         z = self.z
         ok = z > 0
@@ -228,7 +230,8 @@ class RowStatsSink:
         o["entropy"][:, :, r0:r1] = torch.where(ok, torch.log(zs) - self.wx / zs, nan)
         for name, acc in (("sink", self.sink), ("window", self.win), ("distance", self.dist)):
             o[name][:, :, r0:r1] = torch.where(ok, acc / zs, nan)
-        o["mass"][:, :, r0:r1] = self.signed if mass is None else mass
+        scale = torch.ones_like(z) if row_scale is None or lse is not None else row_scale
+        o["mass"][:, :, r0:r1] = self.signed * scale if mass is None else mass
         if self.spec.topk:
             got = self.tk_idx >= 0
             if lse is not None:  # softmax: the keys are scores, the weights e^{s − lse}
@@ -236,7 +239,7 @@ class RowStatsSink:
                 w = torch.exp(torch.where(got, self.tk_key, torch.zeros_like(self.tk_key)) - lse[..., None])
             else:
                 got = got & (self.tk_key >= 0)
-                w = self.tk_w
+                w = self.tk_w * scale[..., None]
             o["topk_index"][:, :, r0:r1] = torch.where(got, self.tk_idx, torch.full_like(self.tk_idx, -1))
             o["topk_weight"][:, :, r0:r1] = torch.where(got, w, torch.zeros_like(w))
 
@@ -261,14 +264,19 @@ class BlockSink:
         self.acc *= alpha[..., None]
 
     def _add(self, w: Tensor, c0: int, c1: int) -> None:
-        if c0 % self.cs:
-            raise AssertionError("key tiles must start at a column block boundary")
-        b0, lc = c0 // self.cs, c1 - c0
-        nfull = lc // self.cs
+        """Column sums of a tile into its column blocks: a partial first block, whole blocks, a partial last."""
+        cs = self.cs
+        head = min(c1, -(-c0 // cs) * cs) - c0
+        if head > 0:
+            self.acc[..., c0 // cs] += w[..., :head].sum(-1)
+        a = c0 + max(head, 0)
+        nfull = (c1 - a) // cs
         if nfull:
-            self.acc[..., b0:b0 + nfull] += w[..., :nfull * self.cs].unflatten(-1, (nfull, self.cs)).sum(-1)
-        if lc % self.cs:
-            self.acc[..., b0 + nfull] += w[..., nfull * self.cs:].sum(-1)
+            off = a - c0
+            self.acc[..., a // cs:a // cs + nfull] += w[..., off:off + nfull * cs].unflatten(-1, (nfull, cs)).sum(-1)
+        tail = a + nfull * cs
+        if tail < c1:
+            self.acc[..., tail // cs] += w[..., tail - c0:].sum(-1)
 
     def add_softmax(self, x, e, zt, r0, r1, c0, c1) -> None:
         self._add(e, c0, c1)
@@ -279,8 +287,9 @@ class BlockSink:
     def add_exact(self, p, r0, r1, c0, c1, visible) -> None:
         self._add(p, c0, c1)
 
-    def end(self, m: Optional[Tensor] = None, lse: Optional[Tensor] = None, mass: Optional[Tensor] = None) -> None:
-        acc = self.acc if m is None else self.acc * torch.exp(m - lse)[..., None]
+    def end(self, row_scale: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+            mass: Optional[Tensor] = None) -> None:
+        acc = self.acc if row_scale is None else self.acc * row_scale[..., None]
         rows = torch.arange(self.r0, self.r1, device=acc.device) // self.rs
         self.out.index_add_(2, rows, acc)
 
@@ -338,11 +347,13 @@ def _scores(call: Call, q: Tensor, k: Tensor, r0, r1, c0, c1, Lk) -> Tensor:
     return call.scores(q[:, :, qa:r1], k[:, :, ka:kb], r0, r1, c0, c1, qa, ka)
 
 
-def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int, block_k: int) -> None:
+def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int, block_k: int,
+                 row_scale: Optional[Tensor] = None) -> None:
     """Feed every non-empty tile of ``call``'s map to ``sinks`` (:class:`RowStatsSink`, :class:`BlockSink`).
 
     Softmax normalizers (plain, sink logit, off-by-one): one pass with online rescaling; relaxed softmax: a first
-    pass for the log-sum-exp, then exact weights; elementwise normalizers: exact weights in one pass.
+    pass for the log-sum-exp, then exact weights; elementwise normalizers: exact weights in one pass, times
+    ``row_scale [B, H, Lq]`` when given (bidirectional normalized linear attention).
     """
     norm = call.normalizer
     plan = _Plan(call, block_q, block_k)
@@ -395,10 +406,10 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
             lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
             mass = torch.exp(log_keys - lse_f)
             for sk in sinks:
-                sk.end(m_use, lse_f, mass)
+                sk.end(torch.exp(m_use - lse_f), lse_f, mass)
         else:
             for sk in sinks:
-                sk.end()
+                sk.end(None if row_scale is None else row_scale[:, :, r0:r1])
 
 
 def _lse_pass(call: Call, q: Tensor, k: Tensor, plan) -> Tensor:

@@ -151,19 +151,21 @@ def run_simulation(args, device: str) -> List[dict]:
 # ------------------------------------------------------------------------------------------------
 
 def _inputs(T: int, H: int, Hkv: int, D: int, dtype, device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda h: torch.randn(1, h, T, D, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    """The whole sequence's q, k, v, equal on every rank (a seeded generator on the device)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda h: torch.randn(1, h, T, D, generator=g, device=device).to(dtype)  # noqa: E731
     return mk(H), mk(Hkv), mk(Hkv)
 
 
 def _linear_kw(rule: str, T: int, H: int, D: int, device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    rand = lambda *s: torch.rand(*s, generator=g, device=device)  # noqa: E731
     kw = {}
     if rule == "gla":
-        kw["gate"] = (-torch.rand(1, H, T, D, generator=g) * 0.1).to(device)
+        kw["gate"] = -rand(1, H, T, D) * 0.1
     if rule == "gated_delta":
-        kw["gate"] = (-torch.rand(1, H, T, generator=g) * 0.1).to(device)
-        kw["beta"] = torch.rand(1, H, T, generator=g).to(device)
+        kw["gate"] = -rand(1, H, T) * 0.1
+        kw["beta"] = rand(1, H, T)
         kw["qk_l2norm"] = True
     return kw
 
@@ -178,9 +180,9 @@ def _dist_cell(name: str, p: dict, T: int, backward: bool, args, rank: int, n: i
     """Time one pattern on the group (and its one-GPU baseline on rank 0)."""
     lb = p.get("load_balance")
     q, k, v = _inputs(T, args.heads, args.kv_heads if p["family"] == "softmax" else args.heads, args.dim, dtype,
-                      "cpu", args.seed)
-    kw = _linear_kw(p.get("rule", ""), T, args.heads, args.dim, "cpu", args.seed) if p["family"] == "linear" else {}
-    sh = lambda x, dim=2: cp.shard(x, rank, n, dim=dim, load_balance=lb).to(device)  # noqa: E731
+                      device, args.seed)
+    kw = _linear_kw(p.get("rule", ""), T, args.heads, args.dim, device, args.seed) if p["family"] == "linear" else {}
+    sh = lambda x, dim=2: cp.shard(x, rank, n, dim=dim, load_balance=lb).contiguous()  # noqa: E731
     ql, kl, vl = (sh(x).requires_grad_(backward) for x in (q, k, v))
     kwl = {a: (sh(t).requires_grad_(backward) if torch.is_tensor(t) else t) for a, t in kw.items()}
     timer = Timer(device, warmup=args.warmup, reps=args.reps)
@@ -199,8 +201,8 @@ def _dist_cell(name: str, p: dict, T: int, backward: bool, args, rank: int, n: i
     t_n = _max_over_ranks(timer(call_n), device)
     t1 = None
     if rank == 0 and not args.no_baseline:
-        qg, kg, vg = (x.to(device).requires_grad_(backward) for x in (q, k, v))
-        kwg = {a: (t.to(device).requires_grad_(backward) if torch.is_tensor(t) else t) for a, t in kw.items()}
+        qg, kg, vg = (x.detach().requires_grad_(backward) for x in (q, k, v))
+        kwg = {a: (t.detach().requires_grad_(backward) if torch.is_tensor(t) else t) for a, t in kw.items()}
 
         def call_1():
             if p["family"] == "softmax":
@@ -215,7 +217,6 @@ def _dist_cell(name: str, p: dict, T: int, backward: bool, args, rank: int, n: i
         except Exception as e:  # the whole sequence may not fit one GPU
             t1 = None
             print(f"one-GPU baseline failed: {type(e).__name__}: {e}", flush=True)
-        del qg, kg, vg
     dist.barrier()
     return dict(t_n=t_n, t1=t1, efficiency=None if t1 is None else t1 / (n * t_n))
 
@@ -231,7 +232,8 @@ def _dist_check(name: str, p: dict, T: int, args, rank: int, n: int, device, dty
         ref = attnkit.attention(q, k, v, mask=p["mask"])
     else:
         ref, _ = attnkit.linear_attention(q, k, v, rule=p["rule"], **kw)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(args.seed)).to(device=device, dtype=dtype)
+    g = torch.randn(ref.shape, generator=torch.Generator(device=device).manual_seed(args.seed), device=device,
+                    dtype=dtype)
     want = torch.autograd.grad(ref, (q, k, v), g)
     sh = lambda x: cp.shard(x.detach(), rank, n, load_balance=lb).requires_grad_()  # noqa: E731
     ql, kl, vl = sh(q), sh(k), sh(v)
@@ -256,8 +258,8 @@ def _torch_cp_cell(T: int, backward: bool, args, rank: int, n: int, device, dtyp
     from torch.distributed.tensor.experimental import context_parallel
 
     mesh = init_device_mesh(device.type, (n,))
-    q, k, v = (x.to(device).requires_grad_(backward) for x in _inputs(T, args.heads, args.heads, args.dim, dtype,
-                                                                     "cpu", args.seed))
+    q, k, v = (x.requires_grad_(backward) for x in _inputs(T, args.heads, args.heads, args.dim, dtype, device,
+                                                           args.seed))
     timer = Timer(device, warmup=args.warmup, reps=args.reps)
 
     def call():
@@ -344,7 +346,7 @@ def parse(argv=None):
     ap.add_argument("--link-efficiency", type=float, default=1.0)
     ap.add_argument("--latency", type=float, default=20e-6, help="seconds per transfer")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--check-T", type=int, default=8192, help="--distributed: length of the correctness check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baseline", action="store_true", help="--distributed: skip the one-GPU time")

@@ -22,6 +22,12 @@ Each rank computes ``(P, S⁰)`` of its pieces, an all-gather shares them (LASP-
 
 Packed documents (``cu_seqlens`` of the whole, padded sequence): the state restarts at every boundary, so a piece
 that contains a boundary has ``P = 0`` beyond it; a document cut by a shard boundary carries its state across.
+
+log_linear: the Fenwick levels ``[Lv, Dk, Dv]`` are affine in the initial levels too (merges are sums, the base
+rule's transition is linear), so the same construction runs with ``R = Lv·Dk`` state rows, each piece at its
+global position. aaren (learned query): the prefix-softmax state (max, num, den) is a monoid, not a matrix; each
+piece runs from an empty state, the states are all-gathered and combined in global order, and each piece runs
+again from the combination of the pieces before it.
 """
 from __future__ import annotations
 

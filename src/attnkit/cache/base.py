@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "StateCache", "DynamicCache"]
+__all__ = ["KVCache", "StateCache", "DynamicCache", "ModelCache"]
 
 
 class KVCache:
@@ -36,6 +36,12 @@ class KVCache:
     def seq_len(self, layer_idx: int) -> int:
         """Tokens cached for layer ``layer_idx`` (0 before its first update)."""
         raise NotImplementedError
+
+    def positions(self, layer_idx: int, T: int, device=None) -> Tensor:
+        """Positions of the next ``T`` tokens of layer ``layer_idx`` (RoPE): ``[T]``, or ``[B, T]`` when the
+        sequences of a batch have different lengths. Default: ``seq_len … seq_len + T − 1``."""
+        n = self.seq_len(layer_idx)
+        return torch.arange(n, n + T, device=device)
 
 
 class StateCache:
@@ -94,3 +100,35 @@ class DynamicCache(KVCache, StateCache):
     def layers(self) -> List[int]:
         """Indices of the layers holding K/V or a state."""
         return sorted(set(self._kv) | set(self._state))
+
+
+class ModelCache(KVCache, StateCache):
+    """One cache object for a hybrid model: K/V through ``kv`` (any :class:`KVCache`, e.g. a paged cache), layer
+    states through ``state`` (any :class:`StateCache`, e.g. :class:`attnkit.cache.RecurrentStateCache`).
+    Everything else (``kv_view``, ``truncate``, ...) is looked up on ``kv``."""
+
+    def __init__(self, kv: KVCache, state: StateCache):
+        if not isinstance(kv, KVCache) or not isinstance(state, StateCache):
+            raise TypeError(f"ModelCache takes a KVCache and a StateCache, got {type(kv).__name__}, "
+                            f"{type(state).__name__}")
+        self.kv, self.state = kv, state
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.kv.update(layer_idx, k, v)
+
+    def seq_len(self, layer_idx: int) -> int:
+        return self.kv.seq_len(layer_idx)
+
+    def positions(self, layer_idx: int, T: int, device=None) -> Tensor:
+        return self.kv.positions(layer_idx, T, device)
+
+    def get(self, layer_idx: int) -> Any:
+        return self.state.get(layer_idx)
+
+    def set(self, layer_idx: int, state: Any) -> None:
+        self.state.set(layer_idx, state)
+
+    def __getattr__(self, name: str):
+        if name in ("kv", "state"):
+            raise AttributeError(name)
+        return getattr(self.kv, name)

@@ -15,11 +15,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..dispatch.decode import decode_attention
 from . import _ops
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, as_rope, doc_positions
 
-__all__ = ["Attention", "layer_mask", "positions_for", "check_input", "split_heads"]
+__all__ = ["Attention", "layer_mask", "positions_for", "check_input", "split_heads", "DECODE_MAX_Q"]
+
+#: calls with a cache and at most this many new tokens per sequence run through the decode kernels
+#: (:func:`attnkit.dispatch.decode.decode_attention`); longer ones (prefill) through :func:`attnkit.attention`
+DECODE_MAX_Q = 32
 
 
 def check_input(x: Tensor, d_model: int, cu_seqlens: Optional[Tensor], cache) -> None:
@@ -130,28 +135,93 @@ class Attention(nn.Module):
             return self.variant(q, k, v, **kw)
         return _ops.attention(q, k, v, **kw)
 
-    def qkv(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None):
-        """Projected, normed and rotated ``q [B, Hq, T, D]``, and ``k``, ``v`` ``[B, Hkv, T_all, D]`` (all cached
-        keys and values when a cache is given)."""
-        check_input(x, self.d_model, cu_seqlens, cache)
-        T = x.shape[1]
+    def project(self, x: Tensor):
+        """``q [B, Hq, T, D]``, ``k``, ``v`` ``[B, Hkv, T, D]`` of ``x`` after the projections and qk-norm (no RoPE)."""
         q = split_heads(self.q_proj(x), self.n_heads)
         k = split_heads(self.k_proj(x), self.n_kv_heads)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _positions(self, T: int, cache, cu_seqlens, device) -> Tensor:
+        if cache is None or cu_seqlens is not None:
+            return positions_for(T, 0, cu_seqlens, device)
+        if hasattr(cache, "positions"):  # [T], or [B, T] for a ragged batch
+            return cache.positions(self.layer_idx, T, device)
+        return positions_for(T, cache.seq_len(self.layer_idx), None, device)
+
+    def qkv(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None):
+        """Projected, normed and rotated ``q [B, Hq, T, D]``, and ``k``, ``v`` ``[B, Hkv, T_all, D]`` (all cached
+        keys and values when a cache is given). A cache with ``rope_at_read`` (StreamingLLM's cache positions)
+        stores keys before RoPE; they are rotated here by their cache slot."""
+        check_input(x, self.d_model, cu_seqlens, cache)
+        T = x.shape[1]
+        q, k, v = self.project(x)
+        at_read = cache is not None and hasattr(cache, "rope_at_read") and cache.rope_at_read(self.layer_idx)
         if self.rope is not None:
-            pos = positions_for(T, cache.seq_len(self.layer_idx) if cache is not None else 0, cu_seqlens, x.device)
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            pos = self._positions(T, cache, cu_seqlens, x.device)
+            q = self.rope(q, pos)
+            if not at_read:
+                k = self.rope(k, pos)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            if at_read and self.rope is not None:
+                k = self.rope(k, torch.arange(k.shape[2], device=x.device))
         return q, k, v
+
+    def _decode(self, q: Tensor, kv, mask, v: Optional[Tensor] = None) -> Tensor:
+        """The decode kernels' path: ``kv`` an attnkit cache (read in place) or the keys with ``v``."""
+        return decode_attention(q, kv, v, layer_idx=self.layer_idx, mask=mask, score_mod=self.score_mod,
+                                normalizer=self.normalizer, scale=self.scale, backend=self.backend, check=False)
+
+    def _in_place(self, x: Tensor, cache, mask, cu_seqlens) -> Tensor:
+        """Caches the decode kernels read in place (contiguous, paged, block): append, then attend."""
+        check_input(x, self.d_model, cu_seqlens, cache)
+        T = x.shape[1]
+        q, k, v = self.project(x)
+        if self.rope is not None:
+            pos = self._positions(T, cache, None, x.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        empty = not any(cache.lengths(self.layer_idx))
+        cache.append(self.layer_idx, k, v)
+        if T <= DECODE_MAX_Q:
+            return self._decode(q, cache, mask)
+        if not empty:  # a long chunk after cached tokens: read them back (one length for every sequence)
+            k, v = cache.read(self.layer_idx)
+        return self.attend(q, k, v, mask)
+
+    def _weights(self, q: Tensor, k: Tensor, v: Tensor, mask):
+        """``weights(r0, r1)``: attention weights ``[B, Hq, r1 − r0, Lk]`` of query rows ``r0 … r1 − 1`` (policies)."""
+        def weights(r0: int, r1: int) -> Tensor:
+            kw = dict(mask=mask, score_mod=self.score_mod, normalizer=self.normalizer, scale=self.scale,
+                      form="materialized", backend="reference", return_weights=True,
+                      q_offset=k.shape[2] - q.shape[2] + r0)
+            fn = self.variant if self.variant is not None else _ops.attention
+            return fn(q[:, :, r0:r1], k, v, **kw)[1]
+        return weights
 
     def heads(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """Per-head outputs ``[B, T, Hq, D]`` (output gate applied), before the output projection."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cache, cu_seqlens)
-        o = self.attend(q, k, v, layer_mask(self.causal, self.mask, cu_seqlens)).transpose(1, 2)
+        mask = layer_mask(self.causal, self.mask, cu_seqlens)
+        if cache is not None and hasattr(cache, "attention_mask"):
+            extra = cache.attention_mask(self.layer_idx)
+            mask = mask if extra is None else mask & extra
+        # the decode kernels compute attend() of this class (subclasses that change attend() keep their own)
+        plain = self.variant is None and type(self).attend is Attention.attend
+        if cache is not None and plain and hasattr(cache, "kv_view") and hasattr(cache, "append"):
+            o = self._in_place(x, cache, mask, cu_seqlens)
+        else:
+            q, k, v = self.qkv(x, cache, cu_seqlens)
+            if cache is not None and plain and self.form == "auto" and T <= DECODE_MAX_Q:
+                o = self._decode(q, k, mask, v)
+            else:
+                o = self.attend(q, k, v, mask)
+            if cache is not None and hasattr(cache, "observe"):
+                cache.observe(self.layer_idx, self._weights(q, k, v, mask) if cache.needs_weights(self.layer_idx)
+                              else None)
+        o = o.transpose(1, 2)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.n_heads, self.head_dim)
         return o

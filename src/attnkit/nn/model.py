@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache import DynamicCache
+from ..cache import ContiguousKVCache, DynamicCache, ModelCache, PagedKVCache, RecurrentStateCache
 from .attention import Attention
 from .blocks import Block
 from .linear import LinearAttention
@@ -137,10 +137,16 @@ class HybridLM(nn.Module):
         ``temperature=0``: greedy (argmax); else sample from ``softmax(logits / temperature)`` restricted to the
         ``top_k`` largest logits (all if None), with ``generator``. Stops early once every row has produced
         ``eos_token_id``. Returns ``[B, T + new]``.
+
+        ``cache``: a cache object (any :class:`attnkit.cache.KVCache` that is also a ``StateCache``, e.g. a
+        :class:`~attnkit.cache.ModelCache`, a :class:`~attnkit.cache.PolicyCache`), or ``"dynamic"`` (default:
+        growing tensors), ``"contiguous"`` (preallocated for ``T + max_new_tokens`` tokens) or ``"paged"`` (pages
+        of 16 tokens); the last two keep linear layers' states in a fixed-memory
+        :class:`~attnkit.cache.RecurrentStateCache`.
         """
         if max_new_tokens < 0 or temperature < 0:
             raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
-        cache = DynamicCache() if cache is None else cache
+        cache = self.make_cache(cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, cache=cache)[:, -1]
@@ -154,6 +160,20 @@ class HybridLM(nn.Module):
                 break
             logits = self(nxt[:, None], cache=cache)[:, -1]
         return torch.cat(out, 1)
+
+    @staticmethod
+    def make_cache(kind, batch: int, max_len: int):
+        """The cache :meth:`generate` uses for ``kind`` (a name or a cache object, returned as is)."""
+        if kind is None or kind == "dynamic":
+            return DynamicCache()
+        if kind == "contiguous":
+            return ModelCache(ContiguousKVCache(max_len), RecurrentStateCache())
+        if kind == "paged":
+            page = 16
+            return ModelCache(PagedKVCache(batch * -(-max_len // page), page), RecurrentStateCache())
+        if isinstance(kind, str):
+            raise ValueError(f"cache must be a cache object or one of 'dynamic', 'contiguous', 'paged', got {kind!r}")
+        return kind
 
     @staticmethod
     def _pick(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:

@@ -132,7 +132,9 @@ def chunk_out_kernel(Q, K, Gp, U, HS, X, O, CHUNKS, DOCS,
                      MODE: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      GATE: tl.constexpr, L2: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr,
                      DT: tl.constexpr, PREC: tl.constexpr):
-    """MODE 0: ``O = Q̄ S + A U`` (U: V or the delta rules' UN). MODE 1: ``O = Aᵀ X`` (X = dO: dU's local part)."""
+    """MODE 0: ``O = Q̄ S + A U`` (U: V or the delta rules' UN; HS: the chunks' start states). MODE 1:
+    ``O = Aᵀ X`` (X = dO: the local part of the delta rules' dU). MODE 2 (additive rules' dV): ``O = Aᵀ X + K̂ dS'``
+    (HS: the chunks' end-state gradients)."""
     b, h, t0, eos, gi = chunk_coords(tl.program_id(0), tl.program_id(1), CHUNKS, DOCS, T, NT, H, C, VARLEN)
     rows = t0 + tl.arange(0, C)
     ok = rows < eos
@@ -145,7 +147,10 @@ def chunk_out_kernel(Q, K, Gp, U, HS, X, O, CHUNKS, DOCS,
     g, bb, rb, bC = chunk_gates(Gp, b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h, rows, ok, cols, Dk, sg_t, sg_d,
                                 GATE, ACC)
     Ad = gram(qq, kk, g, bb, False, GATE, C, LOG2C, BK, ACC, DT, PREC).to(DT)
-    qb = row_scale(qq, tl.exp(bb), GATE).to(DT)
+    if MODE == 0:
+        qb = row_scale(qq, tl.exp(bb), GATE).to(DT)
+    elif MODE == 2:
+        kh = row_scale(kk, tl.exp(rb), GATE).to(DT)
     uoff = b.to(tl.int64) * su_b + (h // U_DIV).to(tl.int64) * su_h
     xoff = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
     ooff = (b * H + h).to(tl.int64) * T * Dv
@@ -159,6 +164,9 @@ def chunk_out_kernel(Q, K, Gp, U, HS, X, O, CHUNKS, DOCS,
         else:
             x = load_tile(X, xoff, rows, ok, cv, Dv, sx_t, sx_d).to(DT)
             o = tl.dot(tl.trans(Ad), x, input_precision=PREC, out_dtype=ACC)
+            if MODE == 2:
+                dhs = load_tile(HS, (gi * H + h).to(tl.int64) * Dk * Dv, cols, cols < Dk, cv, Dv, Dv, 1).to(DT)
+                o = tl.dot(kh, dhs, o, input_precision=PREC, out_dtype=ACC)
         store_tile(O, ooff, rows, ok, cv, Dv, Dv, 1, o)
 
 
@@ -211,16 +219,16 @@ def chunk_dh_kernel(Q, K, Gp, W, DO, DU, DHT, DHS, DH0, DOCS, CHOFF,
 
 
 @triton.jit
-def chunk_grad_kernel(Q, K, V, Gp, HS, DHS, UN, DU, DO, DQ, DK, DV, DG, DW, CHUNKS, DOCS,
-                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+def chunk_grad_kernel(Q, K, U, Gp, HS, DHS, DU, DO, DQ, DK, DG, DW, CHUNKS, DOCS,
+                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, su_b, su_h, su_t, su_d,
                       sg_b, sg_h, sg_t, sg_d, so_b, so_h, so_t, so_d,
-                      T, NT, H, QK_DIV, V_DIV, Dk, Dv, scale,
+                      T, NT, H, QK_DIV, U_DIV, Dk, Dv, scale,
                       C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       DELTA: tl.constexpr, L2: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr):
     """Gradients of one chunk through ``O = Q̄ S + A U`` and ``S' = e^{b_C} ⊙ S + K̂ᵀ U`` (per state head;
-    grouped heads are summed by the host). With ``S`` (HS), ``dS'`` (DHS), ``U``, ``dU`` (delta rules: DU;
-    additive rules: ``Aᵀ dO + K̂ dS'`` computed here, and ``dV = dU``), over Dv tiles:
+    grouped heads are summed by the host). With ``S`` (HS), ``dS'`` (DHS), ``U`` (V, or the delta rules' UN) and
+    ``dU`` (DU: the additive rules' dV, or the delta rules' dU from the dh pass), over Dv tiles:
 
         dQ̄ = dO Sᵀ,  dK̂ = U dS'ᵀ,  dA = dO Uᵀ,  (delta) dW = −dU Sᵀ
         d b_t = Q̄⊙dQ̄ − K̂⊙dK̂ + (q⊙dq − k⊙dk of A's gram),  d b_C = e^{b_C} Σ_v S⊙dS' + Σ_t K̂⊙dK̂
@@ -240,13 +248,10 @@ def chunk_grad_kernel(Q, K, V, Gp, HS, DHS, UN, DU, DO, DQ, DK, DV, DG, DW, CHUN
     goff = b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h
     g, bb, rb, bC = chunk_gates(Gp, goff, rows, ok, cols, Dk, sg_t, sg_d, GATE, ACC)
     srow = (b * H + h).to(tl.int64) * T
-    voff = b.to(tl.int64) * sv_b + (h // V_DIV).to(tl.int64) * sv_h
+    uoff = b.to(tl.int64) * su_b + (h // U_DIV).to(tl.int64) * su_h
     ooff = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     soff = (gi * H + h).to(tl.int64) * Dk * Dv
-    if not DELTA:
-        AdT = tl.trans(gram(qs, kk, g, bb, False, GATE, C, LOG2C, BK, ACC, DT, PREC).to(DT))
-        khd = row_scale(kk, tl.exp(rb), GATE).to(DT)
-    else:
+    if DELTA:
         dW = tl.zeros([C, BK], dtype=ACC)
     dQb = tl.zeros([C, BK], dtype=ACC)
     dKh = tl.zeros([C, BK], dtype=ACC)
@@ -257,15 +262,10 @@ def chunk_grad_kernel(Q, K, V, Gp, HS, DHS, UN, DU, DO, DQ, DK, DV, DG, DW, CHUN
         hs = load_tile(HS, soff, cols, cols < Dk, cv, Dv, Dv, 1).to(DT)
         dhs = load_tile(DHS, soff, cols, cols < Dk, cv, Dv, Dv, 1).to(DT)
         do = load_tile(DO, ooff, rows, ok, cv, Dv, so_t, so_d).to(DT)
+        u = load_tile(U, uoff, rows, ok, cv, Dv, su_t, su_d).to(DT)
         if DELTA:
-            u = load_tile(UN, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
             dud = load_tile(DU, srow * Dv, rows, ok, cv, Dv, Dv, 1).to(DT)
             dW -= tl.dot(dud, tl.trans(hs), input_precision=PREC, out_dtype=ACC)
-        else:
-            u = load_tile(V, voff, rows, ok, cv, Dv, sv_t, sv_d).to(DT)
-            du = tl.dot(AdT, do, input_precision=PREC, out_dtype=ACC)
-            du = tl.dot(khd, dhs, du, input_precision=PREC, out_dtype=ACC)
-            store_tile(DV, srow * Dv, rows, ok, cv, Dv, Dv, 1, du)
         dQb = tl.dot(do, tl.trans(hs), dQb, input_precision=PREC, out_dtype=ACC)
         dKh = tl.dot(u, tl.trans(dhs), dKh, input_precision=PREC, out_dtype=ACC)
         dA = tl.dot(do, tl.trans(u), dA, input_precision=PREC, out_dtype=ACC)
@@ -523,13 +523,14 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
     B, H, T, Dk, Dv = p.B, p.H, p.T, p.Dk, p.Dv
     gt = _or(g, q)
     sc = _launch_states(p, q, k, v, g, beta, h0, keep_t=True, want_ht=False)
-    DU = None
+    DU = torch.empty(B, H, T, Dv, device=dev, dtype=acc_t)  # the delta rules' dU; the additive rules' dV
     if p.delta:
-        DU = torch.empty(B, H, T, Dv, device=dev, dtype=acc_t)
         chunk_out_kernel[p.grid_c](q, k, gt, q, q, do, DU, chunks, docs,
                                    *_st(q, 4), *_st(k, 4), *_st(g, 4), *_st(None, 4), *_st(do, 4),
                                    T, p.nt, H, p.qk_div, 1, Dk, Dv, p.scale, MODE=1, BV=tb.bv_out,
                                    num_warps=tb.warps_out, num_stages=tb.stages, **cx)
+    elif _POISON:
+        DU.fill_(float("nan"))
     DHS = torch.empty(p.nch, H, Dk, Dv, device=dev, dtype=q.dtype)
     dh0 = torch.empty(p.n_seq, H, Dk, Dv, device=dev, dtype=acc_t) if need_dh0 else None
     if _POISON and dh0 is not None:
@@ -538,9 +539,14 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
                               *_st(q, 4), *_st(k, 4), *_st(g, 4), *_st(do, 4), T, p.nt, H, p.qk_div, Dk, Dv, p.scale,
                               BV=tb.bv_state, DELTA=p.delta, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
                               num_warps=tb.warps_state, num_stages=tb.stages, **p.seq_consts())
+    if not p.delta:
+        chunk_out_kernel[p.grid_c](q, k, gt, q, DHS, do, DU, chunks, docs,
+                                   *_st(q, 4), *_st(k, 4), *_st(g, 4), *_st(None, 4), *_st(do, 4),
+                                   T, p.nt, H, p.qk_div, 1, Dk, Dv, p.scale, MODE=2, BV=tb.bv_out,
+                                   num_warps=tb.warps_out, num_stages=tb.stages, **cx)
     dq = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t)
     dk = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t)
-    dv = torch.empty(B, H, T, Dv, device=dev, dtype=acc_t)
+    dv = torch.empty(B, H, T, Dv, device=dev, dtype=acc_t) if p.delta else DU
     dg = None
     if p.gate == GATE_SCALAR:
         dg = torch.empty(B, H, T, device=dev, dtype=acc_t)
@@ -549,13 +555,13 @@ def _backward(p: Problem, q, k, v, g, beta, h0, do, dht, need_dh0: bool):
     dbeta = torch.empty(B, H, T, device=dev, dtype=acc_t) if p.delta else None
     dW = torch.empty(B, H, T, Dk, device=dev, dtype=acc_t) if p.delta else None
     if _POISON:
-        for t in (dq, dk, dv, dg, dbeta, dW):
+        for t in (dq, dk, dg, dbeta, dW) + ((dv,) if p.delta else ()):
             if t is not None:
                 t.fill_(float("nan"))
-    chunk_grad_kernel[p.grid_c](q, k, v, gt, sc["HS"], DHS, _or(sc["UN"], q), _or(DU, q), do, dq, dk, dv,
-                                _or(dg, dq), _or(dW, dq), chunks, docs,
-                                *_st(q, 4), *_st(k, 4), *_st(v, 4), *_st(g, 4), *_st(do, 4),
-                                T, p.nt, H, p.qk_div, p.v_div, Dk, Dv, p.scale, BV=tb.bv_grad, DELTA=p.delta,
+    U, u_div = (sc["UN"], 1) if p.delta else (v, p.v_div)
+    chunk_grad_kernel[p.grid_c](q, k, U, gt, sc["HS"], DHS, DU, do, dq, dk, _or(dg, dq), _or(dW, dq), chunks, docs,
+                                *_st(q, 4), *_st(k, 4), *_st(U, 4), *_st(g, 4), *_st(do, 4),
+                                T, p.nt, H, p.qk_div, u_div, Dk, Dv, p.scale, BV=tb.bv_grad, DELTA=p.delta,
                                 num_warps=tb.warps_grad, num_stages=1, **cx)
     if p.delta:
         chunk_wy_bwd_kernel[p.grid_c](k, v, gt, beta, sc["TI"], sc["W"], sc["U0"], DU, dW, dk, dv, _or(dg, dq),

@@ -109,7 +109,8 @@ def layer_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: s
     n = len(curves)
     if n == 0:
         raise ValueError("give at least one curve")
-    fig = _figure(3.2 * n, 2.6)
+    fig = _figure(3.4 * n, 2.6)
+    fig.subplots_adjust(wspace=0.45)
     for i, (name, ys) in enumerate(curves.items()):
         ax = fig.add_subplot(1, n, i + 1)
         ys = [float(y) for y in ys]

@@ -57,26 +57,32 @@ def _ticks(ax, tokens: Optional[Sequence[str]], n_rows: int, n_cols: int, small:
 
 def head_grid(maps: Tensor, path: PathLike, tokens: Optional[Sequence[str]] = None, title: Optional[str] = None,
               layer_names: Optional[Sequence[str]] = None) -> Path:
-    """Heatmaps of ``maps [L, H, Lq, Lk]`` (or ``[H, Lq, Lk]``): rows = layers, columns = heads."""
+    """Heatmaps of ``maps [L, H, Lq, Lk]`` (or ``[H, Lq, Lk]``): rows = layers, columns = heads, each panel scaled
+    to its own maximum |weight| (one mosaic image: fast for many heads)."""
+    import numpy as np
     if maps.dim() == 3:
         maps = maps[None]
     if maps.dim() != 4:
         raise ValueError(f"maps must be [L, H, Lq, Lk] or [H, Lq, Lk], got {tuple(maps.shape)}")
-    L, H = maps.shape[:2]
-    fig = _figure(1.6 * H + 0.6, 1.6 * L + 0.6)
-    a = _np(maps)
+    L, H, Lq, Lk = maps.shape
+    a = np.abs(_np(maps))
+    peak = a.max(axis=(2, 3), keepdims=True)
+    a = a / np.where(peak > 0, peak, 1.0)
+    gap = max(1, max(Lq, Lk) // 12)
+    mosaic = np.full((L * (Lq + gap) - gap, H * (Lk + gap) - gap), np.nan)
     for l in range(L):
         for h in range(H):
-            ax = fig.add_subplot(L, H, l * H + h + 1)
-            ax.imshow(a[l, h], cmap="viridis", aspect="auto", interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if l == 0:
-                ax.set_title(f"head {h}", fontsize=7)
-            if h == 0:
-                ax.set_ylabel(layer_names[l] if layer_names else f"layer {l}", fontsize=7)
+            mosaic[l * (Lq + gap):l * (Lq + gap) + Lq, h * (Lk + gap):h * (Lk + gap) + Lk] = a[l, h]
+    fig = _figure(min(1.2 * H + 1.0, 24.0), min(1.2 * L * Lq / max(Lk, 1) + 1.0, 24.0))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(mosaic, cmap="viridis", interpolation="nearest", aspect="auto")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="weight / panel max")
+    ax.set_xticks([h * (Lk + gap) + Lk / 2 for h in range(H)])
+    ax.set_xticklabels([f"h{h}" for h in range(H)], fontsize=7)
+    ax.set_yticks([l * (Lq + gap) + Lq / 2 for l in range(L)])
+    ax.set_yticklabels(list(layer_names) if layer_names else [f"layer {l}" for l in range(L)], fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -154,6 +160,7 @@ def compare_maps(maps: Mapping[str, Tensor], path: PathLike, title: str = "", lo
     if n == 0:
         raise ValueError("give at least one map")
     fig = _figure(3.4 * n, 3.2)
+    fig.subplots_adjust(wspace=0.5)
     for i, (name, m) in enumerate(maps.items()):
         if m.dim() != 2:
             raise ValueError(f"map {name!r} must be [Lq, Lk], got {tuple(m.shape)}")

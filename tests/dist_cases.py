@@ -511,11 +511,11 @@ JOBS: Dict[str, list] = {}
 
 def _build():
     for n in (2, 4):
-        JOBS[f"softmax{n}"] = softmax_cases(n)
-        JOBS[f"linear{n}"] = linear_cases(n)
-        JOBS[f"errors{n}"] = [("mismatched_shard", err_mismatched_shard), ("rank_bad_input", err_rank_bad_input),
-                              ("linear_mismatch", err_linear_mismatch), ("rank_dies_mid_ring", err_rank_dies_mid_ring),
-                              ("refusals", err_refusals), ("wrapper", wrapper_case)]
+        JOBS[f"softmax{n}"] = softmax_cases(n) + [("wrapper", wrapper_case)]
+        JOBS[f"linear{n}"] = linear_cases(n) + [  # the error cases last: the dying rank's group is torn down
+            ("mismatched_shard", err_mismatched_shard), ("rank_bad_input", err_rank_bad_input),
+            ("linear_mismatch", err_linear_mismatch), ("refusals", err_refusals),
+            ("rank_dies_mid_ring", err_rank_dies_mid_ring)]
 
 
 _build()

@@ -605,8 +605,9 @@ def context_parallel_attention(
     settings across ranks first (one small collective) so a mismatched shard or a rank's bad argument raises on
     every rank instead of hanging. ``recompute`` (ring): the backward recomputes each pair's forward, memory
     O(L) per rank; False keeps every pair's graph from the forward (memory O(n·L): every K/V block), so the
-    backward neither recomputes nor passes K/V again (only the dk/dv accumulators travel). Learnable score-mod / normalizer tensors get this rank's share of their
-    gradient (sum them over the group, as DDP/FSDP do for parameters).
+    backward neither recomputes nor passes K/V again (only the dk/dv accumulators travel). Learnable score-mod /
+    normalizer tensors get this rank's share of their gradient (sum them over the group, as DDP/FSDP do for
+    parameters). Every rank must run backward through the call (its ring is a collective).
 
     Returns this rank's output shard (q's dtype and layout), plus the log-sum-exp ``[B, H, L]`` of its rows with
     ``return_lse`` (softmax family).

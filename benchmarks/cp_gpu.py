@@ -9,8 +9,8 @@
 pattern (causal softmax with zigzag shards, sliding window 4k with contiguous shards, linear rules gla and
 gated_delta with contiguous shards) and each direction (forward, forward+backward), the one-GPU call on the whole
 sequence is timed (``t1``: the code path of one rank, i.e. ``return_lse=True`` for softmax; ``t1 best``: plain
-``attnkit.attention``, where ``auto`` may pick cuDNN), then for n = 2, 4, 8 every distinct ring step of every rank is timed on a copy of a
-peer's K/V block (alone and next to a device copy of the block's bytes on a second stream), the transfer is taken
+``attnkit.attention``, where ``auto`` may pick cuDNN), then for n = 2, 4, 8 every distinct ring step of every
+rank is timed on a copy of a peer's K/V block (alone and next to a device copy of the block's bytes on a second stream), the transfer is taken
 at the H200's NVLink bandwidth (900 GB/s bidirectional per GPU: 450 GB/s each way, times ``--link-efficiency``),
 and the predicted call time is Σ over steps of max over ranks of max(compute, transfer). Efficiency =
 t1 / (n · t_n). bf16, B=1, H=16 (``--kv-heads`` for GQA), D=128.
@@ -52,7 +52,8 @@ def patterns(window: int) -> Dict[str, dict]:
     """name -> how to run it: softmax (mask, load balance) or linear (rule)."""
     return {
         "causal-zigzag": dict(family="softmax", mask=M.causal, load_balance="zigzag"),
-        (f"window{window // 1024}k" if window >= 1024 else f"window{window}"): dict(family="softmax", mask=M.sliding_window(window - 1), load_balance=None),
+        (f"window{window // 1024}k" if window >= 1024 else f"window{window}"):
+            dict(family="softmax", mask=M.sliding_window(window - 1), load_balance=None),
         "gla": dict(family="linear", rule="gla"),
         "gated_delta": dict(family="linear", rule="gated_delta"),
     }
@@ -112,7 +113,8 @@ def run_simulation(args, device: str) -> List[dict]:
     dtype = DTYPES[args.dtype]
     timer = Timer(device, warmup=args.warmup, reps=args.reps)
     rows: List[dict] = []
-    meta = dict(environment(), mode="simulate", link_bw_per_direction=args.link_bw, link_efficiency=args.link_efficiency,
+    meta = dict(environment(), mode="simulate", link_bw_per_direction=args.link_bw,
+                link_efficiency=args.link_efficiency,
                 latency_s=args.latency, B=1, H=args.heads, Hkv=args.kv_heads, D=args.dim, dtype=args.dtype)
     pats = patterns(args.window)
     for T in args.lengths:
@@ -226,7 +228,8 @@ def _dist_check(name: str, p: dict, T: int, args, rank: int, n: int, device, dty
     lb = p.get("load_balance")
     q, k, v = _inputs(T, args.heads, args.kv_heads if p["family"] == "softmax" else args.heads, args.dim, dtype,
                       device, args.seed + 7)
-    kw = _linear_kw(p.get("rule", ""), T, args.heads, args.dim, device, args.seed + 7) if p["family"] == "linear" else {}
+    kw = (_linear_kw(p.get("rule", ""), T, args.heads, args.dim, device, args.seed + 7) if p["family"] == "linear"
+          else {})
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     if p["family"] == "softmax":
         ref = attnkit.attention(q, k, v, mask=p["mask"])

@@ -9,11 +9,11 @@
 pattern (causal softmax with zigzag shards, sliding window 4k with contiguous shards, linear rules gla and
 gated_delta with contiguous shards) and each direction (forward, forward+backward), the one-GPU call on the whole
 sequence is timed (``t1``: the code path of one rank, i.e. ``return_lse=True`` for softmax; ``t1 best``: plain
-``attnkit.attention``, where ``auto`` may pick cuDNN), then for n = 2, 4, 8 every distinct ring step of every
-rank is timed on a copy of a peer's K/V block (alone and next to a device copy of the block's bytes on a second
-stream), the transfer is taken at the H200's NVLink bandwidth (900 GB/s bidirectional per GPU: 450 GB/s each
-way, times ``--link-efficiency``), and the predicted call time is Σ over steps of max over ranks of max(compute, transfer). Efficiency =
-t1 / (n · t_n). bf16, B=1, H=16 (``--kv-heads`` for GQA), D=128.
+``attnkit.attention``, where ``auto`` may pick cuDNN), then for n = 2, 4, 8 every distinct ring step of every rank
+is timed on a copy of a peer's K/V block (alone and next to a device copy of the block's bytes on a second stream),
+the transfer is taken at the H200's NVLink bandwidth (900 GB/s bidirectional per GPU: 450 GB/s each way, times
+``--link-efficiency``), and the predicted call time is Σ over steps of max over ranks of max(compute, transfer).
+Efficiency = t1 / (n · t_n). bf16, B=1, H=16 (``--kv-heads`` for GQA), D=128.
 
 ``--distributed`` (under torchrun, NCCL, one process per GPU; NVLink multicast left off): correctness of every
 pattern against the one-GPU result at a small length, then the time per call on n GPUs of

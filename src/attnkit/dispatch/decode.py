@@ -94,12 +94,16 @@ def _as_view(q: Tensor, k, v, layer_idx, seqlens, block_table, max_seqlen) -> KV
         cap = block_table.shape[-1] * k.shape[2]
     else:
         cap = k.shape[2]
-    if seqlens is None:
+    if seqlens is None:  # every sequence holds max_seqlen (default: all) keys
         if block_table is not None:
             raise ValueError("a paged cache (block_table=) needs seqlens= (the keys each sequence holds)")
-        lens = [cap] * B
-        seqlens = torch.full((B,), cap, dtype=torch.int32, device=q.device)
-        max_len = cap
+        n = cap if max_seqlen is None else int(max_seqlen)
+        if not 1 <= n <= cap:
+            raise ValueError(f"max_seqlen {n} exceeds what the cache holds ({cap} keys)" if n > cap else
+                             f"max_seqlen must be >= 1, got {n}")
+        lens = [n] * B
+        seqlens = torch.full((B,), n, dtype=torch.int32, device=q.device)
+        max_len = n
     else:
         if not isinstance(seqlens, Tensor):
             lens = [int(x) for x in seqlens]
@@ -178,7 +182,7 @@ def decode_attention(q: Tensor, k, v: Optional[Tensor] = None, *, layer_idx: Opt
         k, v: contiguous ``[B, Hkv, cap, D]`` / ``[B, Hkv, cap, Dv]`` (views allowed), paged pools
             ``[pages, Hkv, page, D]`` with ``block_table``, a :class:`KVView`, or an attnkit cache (then
             ``layer_idx``; ``v`` omitted).
-        seqlens: keys held by each sequence (int tensor or list ``[B]``; default: all ``cap``).
+        seqlens: keys held by each sequence (int tensor or list ``[B]``; default: ``max_seqlen``, else all ``cap``).
         block_table: int ``[B, n]`` or ``[B, Hkv, n]`` page indices (paged pools).
         max_seqlen: a host bound on ``seqlens`` (default: the capacity; a tighter bound sizes the splits better).
         mask, score_mod, normalizer, scale: as :func:`attnkit.attention` (queries end-aligned per sequence).
@@ -349,6 +353,8 @@ def _reference(q, view: KVView, mask, score_mod, normalizer, scale, return_lse):
 
 
 def _ref_call(q, k, v, mask, score_mod, normalizer, scale, return_lse):
-    res = run_reference(q, k, v, mask, score_mod, normalizer, scale, "materialized", return_lse, False, "bhtd")
+    pos = (k.shape[2] - q.shape[2], 0)  # the default placement, explicit: position-indexed masks may cover more keys
+    res = run_reference(q, k, v, mask, score_mod, normalizer, scale, "materialized", return_lse, False, "bhtd",
+                        positions=pos)
     return res if return_lse else (res, None)
 

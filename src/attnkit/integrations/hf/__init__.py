@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["register", "attention_forward", "IMPLEMENTATION", "TESTED_TRANSFORMERS"]
+__all__ = ["register", "attention_forward", "cache", "IMPLEMENTATION", "TESTED_TRANSFORMERS"]
 
 #: the name of the plain implementation; variants are registered as ``"attnkit:<variant>"``
 IMPLEMENTATION = "attnkit"
@@ -95,6 +95,13 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     else:
         out = ops.attention(query, key, value, score_mod=score_mod, **kw)
     return out.transpose(1, 2).contiguous(), None
+
+
+def cache(kv):
+    """A transformers ``Cache`` over an attnkit contiguous or paged KV cache (:class:`attnkit.cache.hf.HFCache`):
+    ``model.generate(ids, cache=akhf.cache(PagedKVCache(num_pages=1024)))``."""
+    from attnkit.cache.hf import HFCache
+    return HFCache(kv)
 
 
 def _one_call_variants() -> List[str]:

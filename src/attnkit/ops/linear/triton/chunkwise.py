@@ -240,13 +240,6 @@ def chunk_grad_kernel(Q, K, U, Gp, HS, DHS, DU, DO, DQ, DK, DG, DW, CHUNKS, DOCS
     ok = rows < eos
     cols = tl.arange(0, BK)
     rr = tl.arange(0, C)
-    qq, rq = load_qk(Q, b.to(tl.int64) * sq_b + (h // QK_DIV).to(tl.int64) * sq_h, rows, ok, cols, Dk, sq_t, sq_d,
-                     L2, ACC)
-    qs = qq * scale
-    kk, rk = load_qk(K, b.to(tl.int64) * sk_b + (h // QK_DIV).to(tl.int64) * sk_h, rows, ok, cols, Dk, sk_t, sk_d,
-                     L2, ACC)
-    goff = b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h
-    g, bb, rb, bC = chunk_gates(Gp, goff, rows, ok, cols, Dk, sg_t, sg_d, GATE, ACC)
     srow = (b * H + h).to(tl.int64) * T
     uoff = b.to(tl.int64) * su_b + (h // U_DIV).to(tl.int64) * su_h
     ooff = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
@@ -270,13 +263,21 @@ def chunk_grad_kernel(Q, K, U, Gp, HS, DHS, DU, DO, DQ, DK, DG, DW, CHUNKS, DOCS
         dKh = tl.dot(u, tl.trans(dhs), dKh, input_precision=PREC, out_dtype=ACC)
         dA = tl.dot(do, tl.trans(u), dA, input_precision=PREC, out_dtype=ACC)
         dSC += tl.sum(hs.to(ACC) * dhs.to(ACC), 1)
+    if DELTA:
+        store_tile(DW, srow * Dk, rows, ok, cols, Dk, Dk, 1, dW)
+    # q, k and the gates only now: the Dv loop keeps just its accumulators live
+    qq, rq = load_qk(Q, b.to(tl.int64) * sq_b + (h // QK_DIV).to(tl.int64) * sq_h, rows, ok, cols, Dk, sq_t, sq_d,
+                     L2, ACC)
+    qs = qq * scale
+    kk, rk = load_qk(K, b.to(tl.int64) * sk_b + (h // QK_DIV).to(tl.int64) * sk_h, rows, ok, cols, Dk, sk_t, sk_d,
+                     L2, ACC)
+    goff = b.to(tl.int64) * sg_b + h.to(tl.int64) * sg_h
+    g, bb, rb, bC = chunk_gates(Gp, goff, rows, ok, cols, Dk, sg_t, sg_d, GATE, ACC)
     dA = tl.where(rr[:, None] >= rr[None, :], dA, 0.0)
     da, dc, dbg = gram_bwd(dA, qs, kk, g, bb, False, GATE, C, LOG2C, BK, ACC, DT, PREC)
     eb = tl.exp(bb)
     dqs = row_scale(dQb, eb, GATE) + da
     store_tile(DQ, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dqs * scale, qq, rq, L2))
-    if DELTA:
-        store_tile(DW, srow * Dk, rows, ok, cols, Dk, Dk, 1, dW)
     er = tl.exp(rb)
     kh = row_scale(kk, er, GATE)
     dk = dc + row_scale(dKh, er, GATE)
@@ -351,11 +352,14 @@ def chunk_wy_bwd_kernel(K, V, Gp, BETA, TI, W, U0, DU, DW, DK, DV, DG, DBETA, CH
                                 GATE, ACC)
     kb = row_scale(kk, tl.exp(bb), GATE)
     dbeta += tl.sum(dxk * kb, 1)
-    dbeta += tl.sum(dM * gram(kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC), 1)
-    tl.store(DBETA + (srow + rows), dbeta, mask=ok)
     dkb = dxk * beta[:, None]
-    da, dc, dbg = gram_bwd(dM * beta[:, None], kk, kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC)
-    dk = load_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1) + row_scale(dkb, tl.exp(bb), GATE) + da + dc
+    # Ā's gram with dĀ = Diag(β) dM, called with a = β ⊙ k: da is then Σ_s dM[t,s] k_s e^{…} (so that
+    # Σ_d k ⊙ da = Σ_s dM ⊙ Ā, β's share), the row side of dk is β ⊙ da, dc and db are those of dĀ
+    da, dc, dbg = gram_bwd(dM, kk * beta[:, None], kk, g, bb, True, GATE, C, LOG2C, BK, ACC, DT, PREC)
+    dbeta += tl.sum(kk * da, 1)
+    tl.store(DBETA + (srow + rows), dbeta, mask=ok)
+    dk = load_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1) + row_scale(dkb, tl.exp(bb), GATE) \
+        + da * beta[:, None] + dc
     store_tile(DK, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dk, kk, rk, L2))
     if GATE == 1:
         dbt = tl.load(DG + (srow + rows), mask=ok, other=0.0) + tl.sum(kb * dkb, 1) + dbg
@@ -377,23 +381,24 @@ class Tiles:
     bv_state: int
     bv_out: int
     bv_grad: int
-    warps_state: int = 4
-    warps_out: int = 4
+    warps_state: int = 8
+    warps_out: int = 8
     warps_grad: int = 8
-    warps_wy: int = 4
+    warps_wy: int = 8
     stages: int = 2
 
 
-def tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size: Optional[int]) -> Tiles:
+def tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size: Optional[int], n_seq_heads: int = 1 << 30) -> Tiles:
     """Interpreter: 16-token chunks and 16-wide Dv tiles (every tile loop runs more than once in the tests).
-    GPU: 64-token chunks (the issue's design point), Dv tiles of 64 for the sequential kernels (two programs per
-    head at Dv = 128) and the whole Dv (≤ 128) for the parallel ones."""
+    GPU: 64-token chunks (the issue's design point); the sequential kernels (state, dh) take Dv tiles of 64, or 32
+    when documents × heads leave fewer than ~2 programs per SM of a 132-SM GPU (B = 1, H = 16 at T = 16k);
+    the parallel kernels the whole Dv (≤ 128) for the output, 64 for the gradient."""
     if interpreting():
         C = chunk_size or 16
         return Tiles(C, 16, 16, 16)
     C = chunk_size or 64
-    BV = min(pow2(Dv), 64)
-    return Tiles(C, BV, min(pow2(Dv), 128 if Dk <= 128 else 64), min(pow2(Dv), 64))
+    bv_state = min(pow2(Dv), 64 if n_seq_heads * triton.cdiv(Dv, 64) >= 256 else 32)
+    return Tiles(C, bv_state, min(pow2(Dv), 128 if Dk <= 128 else 64), min(pow2(Dv), 64))
 
 
 @dataclass
@@ -685,7 +690,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gate, beta, delta: bool, scale, ini
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     if chunk_size is not None and chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size of the Triton kernels must be 16, 32 or 64, got {chunk_size!r}")
-    tb = (tiles_fn or tiles)(Dk, Dv, q.dtype, chunk_size)
+    cu = None
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
                 or cu_seqlens.dtype == torch.bool:
@@ -695,6 +700,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gate, beta, delta: bool, scale, ini
             raise ValueError(f"cu_seqlens needs the documents packed into batch 1, got batch {B}")
         if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b_ < a_ for a_, b_ in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0, end at T={T} and not decrease, got {cu}")
+    tb = (tiles_fn or tiles)(Dk, Dv, q.dtype, chunk_size, (B if cu is None else len(cu) - 1) * H)
+    if cu is not None:
         docs, chunks, choff, nch = varlen_tables(cu, tb.C, dev)
         n_seq, nt = len(cu) - 1, 0
     else:

@@ -192,7 +192,7 @@ def recurrent_bwd_kernel(Q, K, V, Gp, BETA, PS, DO, DHT, DQ, DK, DV, DG, DBETA, 
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-def decode_tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size=None) -> Tiles:
+def decode_tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size=None, n_seq_heads: int = 0) -> Tiles:
     """Dv tile of the recurrent kernels: 32 columns of a 128-row fp32 state per program (16 KiB of state: 2048
     programs at B = 32, H = 16, Dv = 128); 16 in the interpreter (tile loops run in the tests)."""
     bv = 16 if interpreting() else min(pow2(Dv), 32)

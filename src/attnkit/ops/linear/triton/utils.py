@@ -51,11 +51,11 @@ def tl_dtype(dtype: torch.dtype):
 
 def precisions(dtype: torch.dtype):
     """(ACC, DT, PREC, IPREC): accumulation dtype, dot-operand dtype, input precision of the operand dots and of
-    the fp32 UT inverse. Half inputs multiply on tensor cores in their own dtype; fp32 inputs use 3xTF32 (about
-    fp32 accuracy), float64 (interpreter) exact products."""
+    the fp32 UT inverse. Half inputs multiply on tensor cores in their own dtype and invert T with TF32 products (as
+    fla does); fp32 inputs use 3xTF32 (about fp32 accuracy) for both; float64 (interpreter) exact products."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     prec = {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype)
-    iprec = "ieee" if dtype == torch.float64 else "tf32x3"
+    iprec = {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
     return acc, tl_dtype(dtype), prec, iprec
 
 

@@ -67,13 +67,13 @@ STREAMING_MODULES = ("attnkit.ops.softmax", "attnkit.ops.utils.tiles", "attnkit.
 # ------------------------------------------------------------------------------------------------
 
 def wave(s, b, h, q, kv):
-    """s + sin(s)/2 + (q − kv)(h + 1)/128."""
-    return s + 0.5 * torch.sin(s) + 0.0078125 * (q - kv).to(s.dtype) * (h + 1).to(s.dtype)
+    """s + sin(s)/2 + (q − kv)(h + 1)/1024 (small at the GPU file's lengths too)."""
+    return s + 0.5 * torch.sin(s) + 0.0009765625 * (q - kv).to(s.dtype) * (h + 1).to(s.dtype)
 
 
 def tilt(s, b, h, q, kv):
-    """s·(1 + b/4) + kv/16 (depends on the batch index and the key position)."""
-    return s * (1.0 + 0.25 * b.to(s.dtype)) + 0.0625 * kv.to(s.dtype)
+    """s·(1 + b/4) + kv/256 (depends on the batch index and the key position)."""
+    return s * (1.0 + 0.25 * b.to(s.dtype)) + 0.00390625 * kv.to(s.dtype)
 
 
 POINTWISE = {"wave": wave, "tilt": tilt}
@@ -81,7 +81,7 @@ POINTWISE = {"wave": wave, "tilt": tilt}
 if triton is not None:
     @triton.jit
     def wave_tl(s, b, h, q, kv):
-        return s + 0.5 * tl.sin(s) + 0.0078125 * (q - kv).to(tl.float32) * (h + 1).to(tl.float32)
+        return s + 0.5 * tl.sin(s) + 0.0009765625 * (q - kv).to(tl.float32) * (h + 1).to(tl.float32)
 
     @triton.jit
     def dwave_tl(s, b, h, q, kv):
@@ -89,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def tilt_tl(s, b, h, q, kv):
-        return s * (1.0 + 0.25 * b.to(tl.float32)) + 0.0625 * kv.to(tl.float32)
+        return s * (1.0 + 0.25 * b.to(tl.float32)) + 0.00390625 * kv.to(tl.float32)
 
     @triton.jit
     def dtilt_tl(s, b, h, q, kv):
@@ -608,11 +608,12 @@ def _normalize(piece: Piece, s, vis, n, ps, Lk: int):
 
 
 def reference(case: Case, q, k, v, params: Sequence[torch.Tensor], *, vis: Optional[torch.Tensor] = None,
-              where_v: bool = False, compute: torch.dtype = F64):
+              where_v: bool = False, compute: torch.dtype = F64, weights: bool = False):
     """``(out [B,Hq,Lq,Dv], lse [B,Hq,Lq] or None)`` in ``compute`` precision for logical ``[B, H, T, D]`` inputs:
     s = scale·q·k (K, V repeated over each GQA group), the score mods in order, the normalizer over visible
     keys, o = Σ_j p_ij v_j. ``where_v``: sum only visible (i, j) pairs, so non-finite values at keys a row
-    cannot see stay out of it (IEEE propagation from the definition; no gradients needed there)."""
+    cannot see stay out of it (IEEE propagation from the definition; no gradients needed there). ``weights``:
+    also return p."""
     dev = q.device
     vis = dense_mask(case, dev) if vis is None else vis
     G = case.Hq // case.Hkv
@@ -627,10 +628,11 @@ def reference(case: Case, q, k, v, params: Sequence[torch.Tensor], *, vis: Optio
         s = _mod(piece, s, g, n, [next(it) for _ in range(piece.nparams)])
     p, lse = _normalize(case.norm, s, vis, n, [next(it) for _ in range(case.norm.nparams)], case.Lk)
     if not where_v:
-        return p @ vv, lse
-    out = torch.stack([torch.where(vis[:, :, i, :, None], p[:, :, i, :, None] * vv, 0).sum(-2)
-                       for i in range(case.Lq)], 2)
-    return out, lse
+        out = p @ vv
+    else:
+        out = torch.stack([torch.where(vis[:, :, i, :, None], p[:, :, i, :, None] * vv, 0).sum(-2)
+                           for i in range(case.Lq)], 2)
+    return (out, lse, p) if weights else (out, lse)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,7 +643,8 @@ class Expected:
     """The float64 reference of a built case: ``out``, ``lse`` by IEEE propagation over visible pairs only,
     gradients (of <out, go> + <lse, gl>) from the inputs with planted values zeroed, and where each is defined:
     ``rows`` [B,Hq,Lq] that see no planted value, ``keys`` [B,Hkv,Lk] seen only by such rows, ``params_ok`` when
-    every row is clean. ``empty`` rows see no key: zeros and zero gradients."""
+    every row is clean. ``empty`` rows see no key: zeros and zero gradients. ``magnitude``: the largest finite
+    weight or output (float16 range)."""
 
     def __init__(self, case: Case, ns: dict, compute: torch.dtype = F64, raw: Optional[bool] = None):
         q, k, v = (logical(ns[n], case.layout).detach() for n in "qkv")
@@ -659,8 +662,11 @@ class Expected:
         self.keys = ~(vis & dirty[..., None]).reshape(case.B, case.Hkv, G * case.Lq, case.Lk).any(2)
         self.params_ok = not bool(dirty.any())
         with torch.no_grad():
-            self.out, self.lse = reference(case, q, k, v, [p.detach() for p in self.params], vis=vis,
-                                           where_v=bool(case.plants) if raw is None else raw, compute=compute)
+            self.out, self.lse, p = reference(case, q, k, v, [p.detach() for p in self.params], vis=vis,
+                                              where_v=bool(case.plants) if raw is None else raw, compute=compute,
+                                              weights=True)
+        self.magnitude = max(float(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+                             for x in (p, self.out))
         clean = [torch.where(torch.isfinite(x), x, torch.zeros_like(x)).to(compute).requires_grad_() for x in (q, k, v)]
         ro, rl = reference(case, *clean, self.params, vis=vis, compute=compute)
         gen = torch.Generator(device="cpu").manual_seed(case.seed + 1)

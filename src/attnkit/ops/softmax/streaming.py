@@ -1,6 +1,11 @@
 """The streaming form: query blocks × non-empty key blocks with online softmax (Rabe & Staats, "Self-attention
 does not need O(n²) memory"); a custom backward recomputes each block, so memory is O(block_q · block_k) beyond
-inputs and outputs, in forward and backward."""
+inputs and outputs, in forward and backward. First-order gradients only: a backward that builds a graph
+(``create_graph=True``) raises, since its recomputed blocks are not differentiable again.
+
+Non-finite values follow :mod:`attnkit.ops.softmax.call`: with finite inputs the blocks are the plain products
+(FULL tiles are visible everywhere, so nothing can leak there); a non-finite q, k, v (checked once per call) or
+dO (once per backward) sends the PARTIAL tiles' products through ``sum_visible`` / ``at_visible``."""
 from __future__ import annotations
 
 import math
@@ -42,12 +47,12 @@ def _stream_forward(call: Call, plan: _Plan, q, k, v):
     out = q.new_empty(B, Hq, Lq, Dv)
     lse = q.new_empty(B, Hq, Lq) if soft else None
     o_soft = q.new_empty(B, Hq, Lq, Dv) if soft and norm.gamma > 0 else None
+    sink = norm.sink_logits(Hq, q) if soft else None
     for i, r0, r1 in plan.rows(Lq):
         lr = r1 - r0
         acc = q.new_zeros(B, Hq, lr, Dv)
         acc_u = q.new_zeros(B, Hq, lr, Dv) if o_soft is not None else None
         if soft:
-            sink = norm.sink_logits(Hq, q)
             m = (sink.expand(B, Hq, lr, 1).clone() if sink is not None else q.new_full((B, Hq, lr, 1), -math.inf))
             l = q.new_full((B, Hq, lr, 1), 1.0 if sink is not None else 0.0)  # noqa: E741
         for j, c0, c1, is_full in plan.cols(i, Lk):
@@ -55,6 +60,7 @@ def _stream_forward(call: Call, plan: _Plan, q, k, v):
             s = call.scores(q[:, :, qa:r1], k[:, :, ka:kb], r0, r1, c0, c1, qa, ka)
             mb = None if is_full else call.mask_block(r0, r1, c0, c1)
             vx = v[:, :, c0:c1]
+            vis = None if call.finite_v else mb  # non-finite values: products over visible keys only
             if soft:
                 if mb is not None:
                     s = s.masked_fill(~mb, -math.inf)
@@ -63,20 +69,24 @@ def _stream_forward(call: Call, plan: _Plan, q, k, v):
                 p = torch.exp(s - m_use)
                 alpha = torch.exp(m - m_use)
                 l = l * alpha + p.sum(-1, keepdim=True)  # noqa: E741
-                acc = acc * alpha + call.pv(p, vx)
+                acc = acc * alpha + call.pv(p, vx, vis)
                 m = m_new
                 if acc_u is not None:
                     u = torch.ones_like(s) if mb is None else mb.to(s.dtype).expand_as(s)
-                    acc_u += call.pv(u.contiguous(), vx)
+                    acc_u += call.pv(u.contiguous(), vx, vis)
             else:
                 w = norm.f(s, Lk)
                 if mb is not None:
                     w = torch.where(mb, w, _zero(w))
-                acc += call.pv(w, vx)
+                acc += call.pv(w, vx, vis)
         if soft:
             m_use = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             o = acc / torch.where(l > 0, l, torch.ones_like(l))
-            lse[:, :, r0:r1] = (torch.log(l) + m_use).squeeze(-1)
+            lse_r = torch.log(l) + m_use
+            # weights undefined (a visible NaN / +inf score, a non-finite sink logit): the whole row is NaN
+            undefined = ~torch.isfinite(l) if sink is None else ~torch.isfinite(l) | ~torch.isfinite(sink)
+            o = torch.where(undefined, math.nan, o)
+            lse[:, :, r0:r1] = torch.where(undefined, math.nan, lse_r).squeeze(-1)
             if o_soft is not None:
                 o_soft[:, :, r0:r1] = o
                 n = call.counts[:, :, r0:r1, None].clamp(min=1)
@@ -85,7 +95,7 @@ def _stream_forward(call: Call, plan: _Plan, q, k, v):
             o = acc
             if norm.divide_by_count:
                 o = o / call.counts[:, :, r0:r1, None].clamp(min=1)
-        out[:, :, r0:r1] = o
+        out[:, :, r0:r1] = torch.where(torch.isinf(o), math.nan, o)  # never ±inf: NaN where non-finite
     return out, lse, o_soft
 
 
@@ -98,16 +108,20 @@ def _stream_backward(call: Call, plan: _Plan, q, k, v, out, lse, o_soft, dout, d
     dparams = [torch.zeros_like(p, dtype=call.cdtype) for p in params]
     sink_t = call.sink_param()
     dsink = torch.zeros(call.B, call.Hq, device=q.device, dtype=call.cdtype) if sink_t is not None else None
+    finite_do = bool(torch.isfinite(dout).all())
     for i, r0, r1 in plan.rows(Lq):
         do = dout[:, :, r0:r1]
         if soft:
             dos = do * (1 - gamma)
-            D = (dos * (o_soft if o_soft is not None else out)[:, :, r0:r1]).sum(-1, keepdim=True)
+            o_r = (o_soft if o_soft is not None else out)[:, :, r0:r1]
+            # Σ dO·O; 0 for a row whose output is exactly zero (no visible key), whatever its dO (as the kernels)
+            D = torch.where((o_r == 0).all(-1, keepdim=True), 0.0, (dos * o_r).sum(-1, keepdim=True))
             lse_r = lse[:, :, r0:r1, None]
-            lse_use = torch.where(torch.isfinite(lse_r), lse_r, torch.zeros_like(lse_r))
+            # rows without a visible key (-inf) use 0; NaN (undefined weights) stays, so their p is NaN where visible
+            lse_use = torch.where(torch.isneginf(lse_r), torch.zeros_like(lse_r), lse_r)
             dl = dlse[:, :, r0:r1, None] if dlse is not None else 0.0
             if dsink is not None:
-                p_sink = torch.exp(norm.sink_logits(call.Hq, q) - lse_use) * torch.isfinite(lse_r)
+                p_sink = torch.where(torch.isfinite(lse_r), torch.exp(norm.sink_logits(call.Hq, q) - lse_use), 0.0)
                 dsink += (p_sink * (dl - D)).sum((-1, -2))
         n = call.counts[:, :, r0:r1, None].clamp(min=1) if call.counts is not None else None
         for j, c0, c1, is_full in plan.cols(i, Lk):
@@ -122,6 +136,8 @@ def _stream_backward(call: Call, plan: _Plan, q, k, v, out, lse, o_soft, dout, d
                     if mb is not None:
                         s = s.masked_fill(~mb, -math.inf)
                     p = torch.exp(s - lse_use)
+                    if mb is not None:  # exactly 0 where hidden, also in a row whose lse is NaN
+                        p = torch.where(mb, p, _zero(p))
                     g = call.dp(dos, vx) - D + dl
                     pv_w = p.detach() * (1 - gamma)
                     if gamma > 0:
@@ -136,7 +152,7 @@ def _stream_backward(call: Call, plan: _Plan, q, k, v, out, lse, o_soft, dout, d
                     g = call.dp(do, vx)
                     pv_w = p.detach()
                 grads = torch.autograd.grad(p, [qx, kx] + params, g, allow_unused=True)
-            dv[:, :, c0:c1] += call.ptv(pv_w.contiguous(), do)
+            dv[:, :, c0:c1] += call.ptv(pv_w.contiguous(), do, None if finite_do or mb is None else mb)
             if grads[0] is not None:
                 dq[:, :, qa:r1] += grads[0]
             if grads[1] is not None:
@@ -162,6 +178,11 @@ class _StreamingFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # create_graph=True: the recomputed blocks below would not be differentiable
+            raise NotImplementedError(
+                "double backward (create_graph=True, e.g. a gradient penalty) is not supported by "
+                "form='streaming' (also what form='auto' picks for large problems); use form='materialized' or "
+                "form='recurrent', which support higher-order gradients")
         q, k, v, out, lse, o_soft, *tensors = ctx.saved_tensors
         call = ctx.call
         sink_t = call.sink_param()
@@ -213,6 +234,7 @@ def streaming(call: Call, q: Tensor, k: Tensor, v: Tensor, block_q: Optional[int
         raise ValueError(f"block sizes must be >= 1, got {block_q}, {block_k}")
     plan = _Plan(call, block_q, block_k)
     _check_declared_params(call, q, k)
+    call.inspect(q, k, v)
     tensors = call.params()
     sink_t = call.sink_param()
     if sink_t is not None:

@@ -15,12 +15,26 @@ Gradients, with ``s`` the score after the mods and ``g = dL/ds``:
 softmax family ``g = p ⊙ ((1 − γ)·dP − delta)``, ``p = exp(s − lse)``; elementwise ``g = dP ⊙ f'(s) / n``;
 then ``g`` flows back through the mod slots, and ``dQ = scale·g·K``, ``dK = scale·gᵀ·Q``,
 ``dV = wᵀ·dO`` with ``w`` the weights of the forward.
+
+Non-finite values (see :mod:`.fwd`): FULL blocks are unchanged (every pair is visible). In PARTIAL blocks ``w``,
+``g`` and the per-element parameter gradients are selected to 0 at hidden pairs (the recomputed scores, dP and
+the mods' derivatives may be non-finite there), and the three products that contract over pairs (dV = wᵀ·dO,
+dK = gᵀ·Q, dQ = g·K) go through :func:`.fwd.dot_visible`, so a non-finite dO / q row or k row reaches only the
+gradients of the pairs that see it.
 """
 import triton
 import triton.language as tl
 
+from .fwd import dot_visible
 from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_tile, mask_tile, mods_chain, nth_block,
                    norm_weight, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
+
+
+@triton.jit
+def _row_dot(o, do):
+    """``Σ_d o·dO`` per row; 0 for a row whose ``o`` is exactly zero (NaN in ``o`` is not zero)."""
+    zero = tl.max(tl.where(o == 0.0, 0, 1), 1) == 0
+    return tl.where(zero, 0.0, tl.sum(o * do, 1))
 
 
 @triton.jit
@@ -29,7 +43,8 @@ def attn_bwd_pre(O, OS, DO, DLSE, DELTA, LAM, Lq, DV, scale_o, stride_dob, strid
                  BDV: tl.constexpr):
     """``DIFF``: ``O = O1 − λ·O2`` and ``OS = O2``; writes map 1's ``delta = Σ dO·O1 = Σ dO·(O + λ·O2)`` at
     ``DELTA[row]`` and ``Σ dO·O2`` at ``DELTA[B·HQ·Lq + row]`` (map 2's delta is −λ times it; its sum over rows
-    is −dL/dλ)."""
+    is −dL/dλ). A row whose output is exactly zero (a row without a visible key, in particular) adds nothing,
+    whatever its dO (a non-finite dO row that sees no key reaches neither a sink logit's gradient nor λ's)."""
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = i * BM + tl.arange(0, BM)
@@ -40,10 +55,10 @@ def attn_bwd_pre(O, OS, DO, DLSE, DELTA, LAM, Lq, DV, scale_o, stride_dob, strid
     o = tl.load(O + row[:, None] * DV + offs_d[None, :], mask=msk, other=0.0).to(ACC)
     do = load_rows(DO, pid_bh // HQ, pid_bh % HQ, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod,
                    Lq, DV).to(ACC)
-    delta = tl.sum(o * do, 1) * scale_o
+    delta = _row_dot(o, do) * scale_o
     if DIFF:
         o2 = tl.load(OS + row[:, None] * DV + offs_d[None, :], mask=msk, other=0.0).to(ACC)
-        d2 = tl.sum(o2 * do, 1)
+        d2 = _row_dot(o2, do)
         delta += tl.load(LAM + pid_bh % HQ).to(ACC) * d2
         tl.store(DELTA + tl.num_programs(1).to(tl.int64) * Lq + row, d2, mask=row_ok)
     if HAS_DLSE:
@@ -112,8 +127,13 @@ def _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos, kpos, b, h, delta, logn, M
     g, d2 = score_mod_bwd(g, s2, s3, (MODS >> 8) & 15, 2, qpos, kpos, b, h, logn, MODF, HQ, DPW2)
     g, d1 = score_mod_bwd(g, s1, s2, (MODS >> 4) & 15, 1, qpos, kpos, b, h, logn, MODF, HQ, DPW1)
     g, d0 = score_mod_bwd(g, s0, s1, MODS & 15, 0, qpos, kpos, b, h, logn, MODF, HQ, DPW0)
-    if MASKED:  # user derivatives may be non-finite where the mask hides the score
+    if MASKED:  # hidden scores, dP and the mods' derivatives may be non-finite there: 0, by selects
         g = tl.where(vis, g, 0.0)
+        d0 = tl.where(vis, d0, 0.0)  # the per-element parameter gradients are dead code unless PGRAD
+        d1 = tl.where(vis, d1, 0.0)
+        d2 = tl.where(vis, d2, 0.0)
+        d3 = tl.where(vis, d3, 0.0)
+        gn = tl.where(vis, gn, 0.0)
     return g, d0, d1, d2, d3, gn
 
 
@@ -158,16 +178,16 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
             inv_n[None, :], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
             MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
         wT = wT - lam * wT2
-    dv = tl.dot(wT.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
+    dv = dot_visible(dv, wT, do, vis, MASKED, ACC, DOT_PREC)
     gT, _, _, _, _, _ = _bwd_grads(dpT, dwT, s0, s1, s2, s3, s4, vis, qpos[None, :], kpos[:, None], b, h,
                                    delta[None, :], logn[None, :], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1, DPW2,
                                    DPW3, NORM, RELAXED)
-    dk = tl.dot(gT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC, out_dtype=ACC)
+    dk = dot_visible(dk, gT, tl.trans(qT), vis, MASKED, ACC, DOT_PREC)
     if DIFF:  # map 2's dO is −λ·dO: its dP and delta are −λ times map 1's product and the stored sum
         gT2, _, _, _, _, _ = _bwd_grads(dpT * (-lam), dwT2, t0, t1, t2, t3, t4, vis, qpos[None, :], kpos[:, None],
                                         b, h, deltab[None, :] * (-lam), logn[None, :], MODF, HQ, GAMMA, MASKED, MODS,
                                         DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
-        dk2 = tl.dot(gT2.to(qT2.dtype), tl.trans(qT2), dk2, input_precision=DOT_PREC, out_dtype=ACC)
+        dk2 = dot_visible(dk2, gT2, tl.trans(qT2), vis, MASKED, ACC, DOT_PREC)
     return dk, dv, dk2
 
 
@@ -224,7 +244,7 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
     g, d0, d1, d2, d3, gn = _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos[:, None], kpos[None, :], b, h,
                                        delta[:, None], logn[:, None], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1,
                                        DPW2, DPW3, NORM, RELAXED)
-    dq = tl.dot(g.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC, out_dtype=ACC)
+    dq = dot_visible(dq, g, tl.trans(kT), vis, MASKED, ACC, DOT_PREC)
     if PGRAD:
         pacc, rbacc = _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos[:, None], kpos[None, :], RBL, RB_OFF, MODS,
                                   NBP)
@@ -239,7 +259,7 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
         g2, e0, e1, e2, e3, gn2 = _bwd_grads(dp * (-lam), dw2, t0, t1, t2, t3, t4, vis, qpos[:, None],
                                              kpos[None, :], b, h, deltab[:, None] * (-lam), logn[:, None], MODF, HQ,
                                              GAMMA, MASKED, MODS, DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
-        dq2 = tl.dot(g2.to(kT2.dtype), tl.trans(kT2), dq2, input_precision=DOT_PREC, out_dtype=ACC)
+        dq2 = dot_visible(dq2, g2, tl.trans(kT2), vis, MASKED, ACC, DOT_PREC)
         if PGRAD:
             pacc, rbacc = _param_sums(pacc, rbacc, e0, e1, e2, e3, gn2, qpos[:, None], kpos[None, :], RBL, RB_OFF,
                                       MODS, NBP)

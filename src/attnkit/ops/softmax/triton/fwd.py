@@ -7,12 +7,48 @@ mask). Scores are ``s = mods(scale · q·kᵀ)``; the softmax family keeps a run
 elementwise normalizers add ``f(s)·V`` directly. Writes ``out``, the base-2 ``lse`` (softmax family;
 the host converts it when the caller asks) and, for relaxed softmax, the softmax part ``o_soft`` the
 backward needs. Memory: O(BM·BN) per program, nothing of size Lq×Lk.
+
+Non-finite values (the rule of :mod:`attnkit.ops.softmax.call`): every key of a FULL block is visible to every
+row of the tile, so there plain IEEE arithmetic already gives each row exactly what it sees (a visible NaN /
++inf score makes the row's ``l`` NaN, a visible non-finite ``v_jd`` makes entry ``(i, d)`` non-finite) and the
+FULL loop is unchanged. In PARTIAL blocks hidden scores are replaced by −inf with a select (as before) and the
+products with V go through :func:`dot_visible`, whose per-tile check sends a V tile holding a non-finite value
+down an exact path (selects); finite tiles pay one reduction of the tile. The epilogue writes NaN for ±inf
+outputs and for every row of a head whose sink logit is not finite.
 """
 import triton
 import triton.language as tl
 
 from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, load_rows, load_tile, mask_tile, mods_chain, norm_weight, nth_block,
                    program_rows, row_counts)
+
+
+@triton.jit
+def dot_visible(acc, a, b, vis, MASKED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc + a·b`` with the contraction over visible pairs only: ``a [M, K]`` is 0 where ``vis [M, K]`` is False,
+    ``b [K, N]`` may hold non-finite values. FULL blocks (``MASKED`` False): the plain product. PARTIAL blocks: if
+    the tile of ``b`` holds a non-finite value (one reduction of the tile), it is replaced by 0 in the product
+    (a select) and the entries ``(m, n)`` whose sum it reaches through a visible pair become NaN, so a value that
+    only hidden pairs read changes nothing; finite tiles take the plain product."""
+    if MASKED:
+        fin = tl.abs(b) < float("inf")  # False for NaN and ±inf
+        if tl.min(fin.to(tl.int32)) == 0:
+            hit = tl.dot(vis.to(b.dtype), tl.where(fin, 0.0, 1.0).to(b.dtype), input_precision=DOT_PREC,
+                         out_dtype=ACC)
+            acc = tl.dot(a.to(b.dtype), tl.where(fin, b, 0.0).to(b.dtype), acc, input_precision=DOT_PREC,
+                         out_dtype=ACC)
+            acc = tl.where(hit > 0, float("nan"), acc)
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def nan_for_inf(x):
+    """±inf -> NaN: an output that a non-finite value reaches is NaN (never ±inf)."""
+    return tl.where(tl.abs(x) == float("inf"), float("nan"), x)
 
 
 @triton.jit
@@ -43,7 +79,7 @@ def _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, 
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    acc = dot_visible(acc, p, v, vis, MASKED, ACC, DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -85,7 +121,7 @@ def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n,
                                          SCALE_NEG)
         if RELAXED:
             if MASKED:
-                acc_u = tl.dot(vis.to(v.dtype), v, acc_u, input_precision=DOT_PREC, out_dtype=ACC)
+                acc_u = dot_visible(acc_u, vis, v, vis, MASKED, ACC, DOT_PREC)
             else:
                 acc_u += tl.sum(v.to(ACC), 0)[None, :]
     else:
@@ -95,16 +131,16 @@ def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n,
         w = w * inv_n[:, None]
         if MASKED:
             w = tl.where(vis, w, 0.0)
-        acc = tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = dot_visible(acc, w, v, vis, MASKED, ACC, DOT_PREC)
     return acc, m_i, l_i, acc_u, acc2, m2, l2
 
 
 @triton.jit
 def _softmax_finish(acc, m_i, l_i):
-    """``(acc / l, base-2 lse)``; rows without a visible key give 0 and lse −inf."""
+    """``(acc / l, base-2 lse)``; rows without a visible key give 0 and lse −inf (``m = −inf``, ``l = 0``); rows
+    with undefined weights (``l`` NaN: a visible NaN / +inf score, whatever ``m`` a NaN-ignoring max kept) NaN."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.math.log2(l_safe))
-    return acc / l_safe[:, None], lse
+    return acc / l_safe[:, None], m_i + tl.math.log2(l_safe)
 
 
 @triton.jit
@@ -176,6 +212,10 @@ def attn_fwd(Q, K, V, O, LSE, OS,
     o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
     if NORM == N_SOFTMAX:
         o, lse = _softmax_finish(acc, m_i, l_i)
+        if HAS_SINK:  # a non-finite sink logit leaves every row of the head undefined, rows without keys included
+            sink_ok = tl.abs(tl.load(NORMF + h).to(ACC)) < float("inf")
+            o = tl.where(sink_ok, o, float("nan"))
+            lse = tl.where(sink_ok, lse, float("nan"))
         tl.store(LSE + row, lse, mask=row_ok)
         if RELAXED:
             tl.store(OS + o_ptrs, o.to(OS.dtype.element_ty), mask=o_mask)
@@ -187,5 +227,5 @@ def attn_fwd(Q, K, V, O, LSE, OS,
             o = o - tl.load(LAM + h).to(ACC) * o2
     else:
         o = acc
-    tl.store(O + o_ptrs, o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(O + o_ptrs, nan_for_inf(o).to(O.dtype.element_ty), mask=o_mask)
 

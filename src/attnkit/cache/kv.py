@@ -14,6 +14,7 @@ GQA-aware: only the ``Hkv`` KV heads are stored, never the query heads. Layers c
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,7 +43,7 @@ class SequenceKVCache(KVCache, StateCache):
     def __init__(self):
         self._lens: Dict[int, List[int]] = {}  # layer -> tokens per sequence slot
         self._state: Dict[int, Any] = {}
-        self._dev: Dict[tuple, Tensor] = {}  # small device tensors (lengths, positions) by value
+        self._dev: "OrderedDict[tuple, Tensor]" = OrderedDict()  # small device tensors (lengths, positions) by value
 
     # -- what subclasses provide ------------------------------------------------------------------
     def _rows(self) -> List[int]:
@@ -74,13 +75,15 @@ class SequenceKVCache(KVCache, StateCache):
         return torch.arange(n, n + T, device=device)
 
     def _device(self, key: tuple, device, build) -> Tensor:
-        """A small tensor built on the host and copied to ``device`` once per value (a few kept)."""
+        """A small tensor built on the host and copied to ``device`` once per value (the 16 last used are kept)."""
         key = key + (str(device),)
         t = self._dev.get(key)
         if t is None:
-            if len(self._dev) > 64:
-                self._dev.clear()
             t = self._dev[key] = build().to(device)
+            if len(self._dev) > 16:
+                self._dev.popitem(last=False)
+        else:
+            self._dev.move_to_end(key)
         return t
 
     def seqlens(self, layer_idx: int, device) -> Tensor:

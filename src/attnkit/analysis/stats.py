@@ -153,14 +153,14 @@ class RowStatsSink:
         for name in ("z", "sink", "win", "dist"):
             setattr(self, name, getattr(self, name) * alpha)
 
-    def topk(self, key: Tensor, c0: int, gmax: Tensor, tmax: Tensor, p: Optional[Tensor] = None) -> None:
+    def topk(self, key: Tensor, c0: int, tmax: Tensor, p: Optional[Tensor] = None) -> None:
         """Merge a tile's keys into the running top-k: ``key`` orders the keys (the score for softmax, ``|p|``
-        else; masked keys −inf / −1), ``gmax, tmax`` its group and row maxima (:func:`group_max`), ``p`` the
-        weights (exact paths)."""
+        else; masked keys −inf / −1), ``tmax`` its row maxima (a tile whose maxima do not beat any row's k-th key
+        is skipped), ``p`` the weights (exact paths)."""
         K = self.spec.topk
         if K == 0 or not bool((tmax > self.tk_key[..., -1]).any()):
             return
-        v, j = tile_topk(key, gmax, K)
+        v, j = key.topk(min(K, key.shape[-1]), -1)
         allv = torch.cat([self.tk_key, v], -1)
         nv, sel = allv.topk(K, -1)
         self.tk_key = nv
@@ -199,12 +199,13 @@ class RowStatsSink:
 
     # -- the two kinds of tiles ---------------------------------------------------------------------
     def add_softmax(self, x: Tensor, e: Tensor, zt: Tensor, r0, r1, c0, c1) -> None:
-        """``e = e^{s − m}`` (0 where masked) with row sums ``zt``, ``x = s − m`` (0 where masked)."""
+        """``e = e^{s − m}`` (0 where masked) with row sums ``zt``, ``x = s − m`` (finite; consumed: the last
+        reader of the tile multiplies it in place)."""
         self.features(e, zt, r0, r1, c0, c1)
-        self.wx += torch.linalg.vecdot(e, x)
+        self.wx += x.mul_(e).sum(-1)
 
-    def topk_softmax(self, s: Tensor, c0: int, gmax: Tensor, tmax: Tensor) -> None:
-        self.topk(s, c0, gmax, tmax)
+    def topk_softmax(self, s: Tensor, c0: int, tmax: Tensor) -> None:
+        self.topk(s, c0, tmax)
 
     def add_exact(self, p: Tensor, r0, r1, c0, c1, visible: Optional[Tensor]) -> None:
         """Exact weights ``p`` of a tile (0 where masked); ``visible`` the tile's mask or None (all visible)."""
@@ -214,7 +215,7 @@ class RowStatsSink:
         self.features(w, w.sum(-1), r0, r1, c0, c1)
         if self.spec.topk:
             key = w if visible is None else torch.where(visible, w, w.new_full((), -1.0))
-            self.topk(key, c0, *group_max(key), p)
+            self.topk(key, c0, key.amax(-1), p)
 
     def end(self, row_scale: Optional[Tensor] = None, lse: Optional[Tensor] = None,
             mass: Optional[Tensor] = None) -> None:
@@ -281,7 +282,7 @@ class BlockSink:
     def add_softmax(self, x, e, zt, r0, r1, c0, c1) -> None:
         self._add(e, c0, c1)
 
-    def topk_softmax(self, s, c0, gmax, tmax) -> None:
+    def topk_softmax(self, s, c0, tmax) -> None:
         pass
 
     def add_exact(self, p, r0, r1, c0, c1, visible) -> None:
@@ -300,35 +301,6 @@ class BlockSink:
         cn = torch.full((self.nc,), float(self.cs), dtype=dt, device=dev)
         cn[-1] = self.Lk - self.cs * (self.nc - 1)
         return self.out / (rn[:, None] * cn[None, :])
-
-
-#: columns per group of the two-level top-k (:func:`tile_topk`)
-GROUP = 32
-
-
-def group_max(key: Tensor):
-    """Maxima of groups of :data:`GROUP` columns ``[..., ceil(lc / GROUP)]`` and of whole rows ``[...]``."""
-    lc = key.shape[-1]
-    if lc % GROUP:
-        key = torch.nn.functional.pad(key, (0, GROUP - lc % GROUP), value=-math.inf)
-    gmax = key.unflatten(-1, (-1, GROUP)).amax(-1)
-    return gmax, gmax.amax(-1)
-
-
-def tile_topk(key: Tensor, gmax: Tensor, K: int):
-    """The K largest entries of each row of ``key [..., lc]`` (values, column indices; fewer if lc < K), in two
-    levels: the K groups of largest maximum hold the K largest entries (each group with a larger maximum holds a
-    larger entry), so only K·GROUP candidates are ranked instead of lc."""
-    lc = key.shape[-1]
-    if lc <= K * GROUP:
-        return key.topk(min(K, lc), -1)
-    if lc % GROUP:
-        key = torch.nn.functional.pad(key, (0, GROUP - lc % GROUP), value=-math.inf)
-    g = gmax.topk(K, -1).indices  # [..., K]
-    cand = key.unflatten(-1, (-1, GROUP)).gather(-2, g[..., None].expand(*g.shape, GROUP))  # [..., K, GROUP]
-    v, j = cand.flatten(-2).topk(K, -1)
-    col = g.gather(-1, j // GROUP) * GROUP + j % GROUP
-    return v, col
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,11 +344,11 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
             s = _scores(call, q, k, r0, r1, c0, c1, Lk)
             mb = None if is_full else call.mask_block(r0, r1, c0, c1)
             if soft and lse_all is None:
-                if mb is not None:
-                    s = s.masked_fill(~mb, -math.inf)
-                gmax, tmax = group_max(s)
+                if mb is not None:  # an additive 0 / −inf bias on the (small) mask: one fast broadcast add
+                    s = s.add_(torch.zeros(mb.shape, dtype=s.dtype, device=s.device).masked_fill_(~mb, -math.inf))
+                tmax = s.amax(-1)
                 for sk in sinks:
-                    sk.topk_softmax(s, c0, gmax, tmax)
+                    sk.topk_softmax(s, c0, tmax)
                 m_new = torch.maximum(m, tmax)
                 mu_new = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
                 if bool((mu_new != m_use).any()):
@@ -386,10 +358,10 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
                         sk.rescale(alpha, dm)
                     z = z * alpha
                 m, m_use = m_new, mu_new
-                x = s.sub_(m_use[..., None]) if s.is_contiguous() else s - m_use[..., None]
+                x = s.sub_(m_use[..., None])
                 e = torch.exp(x)
-                if mb is not None:
-                    x = x.masked_fill_(~mb, 0.0)
+                if mb is not None:  # masked: x = −inf, e = 0; a finite x keeps e·x = 0 there (no 0·∞)
+                    x = x.clamp_(min=torch.finfo(x.dtype).min)
                 zt = e.sum(-1)
                 z = z + zt
                 for sk in sinks:

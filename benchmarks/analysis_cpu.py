@@ -45,12 +45,18 @@ def _env(threads: int) -> dict:
             "threads": threads, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _measure(fn):
     load0 = os.getloadavg()
-    base, t0 = _rss_mib(), time.perf_counter()
+    base, t0, c0 = _rss_mib(), time.perf_counter(), _cpu_s()
     out = fn()
     wall = time.perf_counter() - t0
-    return out, {"wall_s": round(wall, 2), "peak_extra_mib": round(max(0.0, _peak_mib() - base), 1),
+    return out, {"wall_s": round(wall, 2), "cpu_s": round(_cpu_s() - c0, 2),
+                 "peak_extra_mib": round(max(0.0, _peak_mib() - base), 1),
                  "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -65,7 +71,11 @@ def timing(T: int, threads: int, T_linear: int) -> None:
     assert bool(st.valid.all())
     rows = [{"what": f"softmax causal, row statistics + top-8, T={T}", "T": T, **soft,
              "entropy_mean": round(float(st.entropy.mean()), 4)}]
-    del q, k, st
+    st0, soft0 = _measure(lambda: attention_stats(q, k, mask="causal", sink_tokens=4, window=64, topk=0))
+    torch.testing.assert_close(st0.entropy, st.entropy)
+    rows.append({"what": f"softmax causal, row statistics without top-k, T={T}", "T": T, **soft0,
+                 "entropy_mean": round(float(st0.entropy.mean()), 4)})
+    del q, k, st, st0
     ql, kl = torch.randn(1, H, T_linear, D), torch.randn(1, H, T_linear, D)
     g = F.logsigmoid(4 + torch.randn(1, H, T_linear))
     beta = torch.sigmoid(torch.randn(1, H, T_linear))
@@ -79,9 +89,9 @@ def timing(T: int, threads: int, T_linear: int) -> None:
     md = [f"# Streaming analysis statistics on CPU ({res['env']['date']})", "",
           f"B=1, H={H}, D={D}, float32, torch {torch.__version__}, {threads} thread(s) on a {os.cpu_count()}-core "
           "machine shared with other jobs (load average = runnable processes, 1/5/15 min).", "",
-          "| what | wall s | peak extra MiB | load before | load after |", "|---|---|---|---|---|"]
-    md += [f"| {r['what']} | {r['wall_s']} | {r['peak_extra_mib']} | {r['load_before']} | {r['load_after']} |"
-           for r in rows]
+          "| what | wall s | CPU s (user+sys) | peak extra MiB | load before | load after |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['what']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_extra_mib']} | {r['load_before']} | "
+           f"{r['load_after']} |" for r in rows]
     md += ["", "Targets (issue 16): T=32768 in under 10 s with under 512 MiB extra memory."]
     (OUT / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

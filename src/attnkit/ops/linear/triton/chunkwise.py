@@ -278,11 +278,13 @@ def chunk_grad_kernel(Q, K, U, Gp, HS, DHS, DU, DO, DQ, DK, DG, DW, CHUNKS, DOCS
     eb = tl.exp(bb)
     dqs = row_scale(dQb, eb, GATE) + da
     store_tile(DQ, srow * Dk, rows, ok, cols, Dk, Dk, 1, l2norm_bwd(dqs * scale, qq, rq, L2))
+    if GATE > 0:
+        dbb = row_scale(qs, eb, GATE) * dQb
     er = tl.exp(rb)
     kh = row_scale(kk, er, GATE)
     dk = dc + row_scale(dKh, er, GATE)
     if GATE > 0:
-        dbb = row_scale(qs, eb, GATE) * dQb - kh * dKh
+        dbb = dbb - kh * dKh
         dbC = tl.sum(kh * dKh, 0) + tl.exp(bC) * dSC  # [BK]
         if GATE == 1:
             dbt = tl.sum(dbb, 1) + dbg
@@ -489,6 +491,8 @@ def _launch_states(p: Problem, q, k, v, g, beta, h0, keep_t: bool, want_ht: bool
                                   num_warps=tb.warps_wy, **cx)
     sc["HS"] = torch.empty(p.nch, H, Dk, Dv, device=dev, dtype=q.dtype)
     sc["ht"] = torch.empty(p.n_seq, H, Dk, Dv, device=dev, dtype=acc_t) if want_ht else None
+    if _POISON and want_ht:
+        sc["ht"].fill_(float("nan"))
     chunk_state_kernel[p.grid_s](k, v, gt, _or(sc["W"], q), _or(sc["U0"], q), _or(h0, q), sc["HS"],
                                  _or(sc["UN"], q), _or(sc["ht"], q), docs, choff,
                                  *_st(k, 4), *_st(v, 4), *_st(g, 4), T, p.nt, H, p.qk_div, p.v_div, Dk, Dv,

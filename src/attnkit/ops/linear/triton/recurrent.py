@@ -218,6 +218,8 @@ class _RecurrentFn(torch.autograd.Function):
         if _POISON:
             o.fill_(float("nan"))
         ht = torch.empty(p.n_seq, p.H, p.Dk, p.Dv, device=q.device, dtype=acc_t) if want_ht else None
+        if _POISON and want_ht:
+            ht.fill_(float("nan"))
         _launch_fwd(p, q, k, v, g, beta, h0, o=o, ht=ht, ps=None)
         ctx.p = p
         ctx.save_for_backward(q, k, v, g, beta, h0)

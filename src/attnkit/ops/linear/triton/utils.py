@@ -290,12 +290,11 @@ def gram_bwd(dM, a, c, g, b, STRICT: tl.constexpr, GATE: tl.constexpr, C: tl.con
             down, up, low, quad = _level(g, rr, lvl, C, BK)
             ea = tl.exp(down)
             ec = tl.exp(up)
-            aa = tl.where(low[:, None], a * ea, 0.0)
-            cc = tl.where(low[:, None], 0.0, c * ec)
             dq = tl.where(quad, dM, 0.0).to(DT)
-            da += tl.where(low[:, None], ea * tl.dot(dq, cc.to(DT), input_precision=PREC, out_dtype=ACC), 0.0)
-            dc += tl.where(low[:, None], 0.0, ec * tl.dot(tl.trans(dq), aa.to(DT), input_precision=PREC,
-                                                           out_dtype=ACC))
+            cc = tl.where(low[:, None], 0.0, c * ec).to(DT)
+            da += tl.where(low[:, None], ea * tl.dot(dq, cc, input_precision=PREC, out_dtype=ACC), 0.0)
+            aa = tl.where(low[:, None], a * ea, 0.0).to(DT)
+            dc += tl.where(low[:, None], 0.0, ec * tl.dot(tl.trans(dq), aa, input_precision=PREC, out_dtype=ACC))
         db = a * da - c * dc
     else:
         if GATE == 1:

@@ -110,7 +110,7 @@ def rmask_dense(rm, B, H, Lq):
 
 def close(out, ref, atol=1e-10, rtol=1e-8):
     assert out.dtype == ref.dtype or out.dtype != F64
-    assert torch.isfinite(out).all(), "non-finite (unwritten or NaN read from an unused slot) output"
+    assert torch.isfinite(out).all(), "non-finite (unwritten, or a NaN slot the kernel must not read) output"
     torch.testing.assert_close(out.to(F64), ref.to(F64), atol=atol, rtol=rtol)
 
 
@@ -324,25 +324,71 @@ def test_splits_agree_and_match():
         close(lse, wlse)
 
 
-def test_sinks_and_window_read_only_their_blocks():
-    """Keys in whole 16-key blocks outside ``[0, sinks) ∪ [L − window − Lq + 1, L)`` are NaN: a read would make the
-    output NaN, so a finite exact output shows those blocks are skipped."""
-    B, Hq, Hkv, Lq = 2, 4, 2, 2
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_reads_only_the_blocks_the_mask_needs(monkeypatch, Lq):
+    """The kernel's trace of key-block reads: sinks + window read the sinks' blocks and the band's blocks, each once
+    per KV head and row block, and nothing else; a plain causal mask reads every block of each sequence once."""
+    monkeypatch.setattr(DK, "TRACE", True)
+    B, Hq, Hkv = 2, 4, 2
     lens = [100, 75]
     n_sink, w = 3, 9
     mask = M.causal & (M.sliding_window(w) | M.sinks(n_sink))
-    c = Case(B, Hq, Hkv, Lq, lens)
+    c = Case(B, Hq, Hkv, Lq, lens, paged=random.choice([None, 16]))
     assert DK.support(mask, Lq) == (n_sink, w + Lq)
+    out = c.run(mask=mask, splits=random.choice([1, 2, 3]))
+    trace = DK.last_trace
     for b, n in enumerate(lens):
-        lo = 16  # first block after the sinks' block
-        hi = (n - (w + Lq)) // 16 * 16  # last block boundary before the band
-        assert hi > lo
-        c.k[b, :, lo:hi] = NAN
-        c.v[b, :, lo:hi] = NAN
-    out = c.run(mask=mask, splits=2)
+        want = torch.zeros(trace.shape[-1], dtype=torch.int32)
+        want[0] = 1  # the sinks' block
+        want[(n - w - Lq) // 16:-(-n // 16)] = 1  # the band's blocks
+        assert torch.equal(trace[b], want.expand(Hkv, -1)), f"sequence {b}: {trace[b].tolist()}"
     dense = lambda b, n: torch.tensor([[[(j < n_sink or q - w <= j) and j <= q for j in range(n)]  # noqa: E731
                                         for q in range(n - Lq, n)]])[None]
     close(out, c.ref(dense)[0])
+    c.run(mask=M.causal, splits=2)
+    for b, n in enumerate(lens):
+        assert (DK.last_trace[b, :, :-(-n // 16)] == 1).all() and (DK.last_trace[b, :, -(-n // 16):] == 0).all()
+
+
+def test_full_blocks_are_seen_whole():
+    """Keys the kernel reads with no element mask (FULL blocks) are visible to every query row, for every mask case
+    and a few lengths; and the common decode masks do get FULL blocks."""
+    for name in MASK_NAMES:
+        for Lq in (1, 3):
+            for L in (1, 5, 37, 64):
+                rm = mask_case(name, 1, 2, Lq, L)
+                if rm.needs_lq_le_lk and Lq > L:
+                    continue
+                m = M.as_mask(rm.ak)
+                FS, FHB, FA, FB = DK.full_support(m, Lq)
+                full = torch.tensor([j < min(FS, L - FHB) or L - FA <= j < L - FB for j in range(L)])
+                seen = rm.dense(1, 2, Lq, L).all(0).all(0).all(0)
+                assert not (full & ~seen).any(), f"{rm} Lq={Lq} L={L}: ({FS}, {FHB}, {FA}, {FB}) claims unseen keys"
+    L = 100
+    assert DK.full_support(M.causal, 1)[:2] == (DK.INF_W, 0)
+    FS, FHB, FA, FB = DK.full_support(M.causal & (M.sliding_window(20) | M.sinks(4)), 2)
+    assert (FS, FHB) == (4, 1) and (L - FA, L - FB) == (L - 21, L - 1)
+
+
+def test_nonfinite_values_reach_only_what_sees_them():
+    """The prefill kernels' rule in decode too: a NaN / inf value of a key no query row sees changes nothing; one a
+    row sees makes that row NaN (never ±inf); compared with attnkit's materialized reference."""
+    B, Hq, Hkv, Lq = 2, 2, 1, 2
+    lens = [40, 33]
+    mask = M.causal & (M.sliding_window(6) | M.sinks(2))
+    c = Case(B, Hq, Hkv, Lq, lens)
+    c.v[0, :, 10, 3] = float("inf")  # hidden from both rows of sequence 0
+    c.k[1, :, 20, 0] = NAN  # hidden
+    c.v[1, :, 32, 1] = NAN  # seen by the last row of sequence 1 (its own key)
+    c.ks = [c.k[b:b + 1, :, :n] for b, n in enumerate(lens)]
+    c.vs = [c.v[b:b + 1, :, :n] for b, n in enumerate(lens)]
+    out = c.run(mask=mask, splits=2)
+    want = torch.cat([attnkit.attention(c.q[b:b + 1], c.ks[b], c.vs[b], mask=mask, backend="reference",
+                                        form="materialized") for b in range(B)])
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.isnan(out).any()
+    assert not torch.isinf(out).any()
+    fin = ~torch.isnan(want)
+    torch.testing.assert_close(out[fin], want[fin], atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])

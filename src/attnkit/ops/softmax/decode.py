@@ -6,14 +6,16 @@ buffers and kernel switches (the same plan functions of :mod:`.plan`), but not i
 lists, bitmaps, row counts), which decoding rebuilds from the cache's lengths:
 
 * which key blocks to read: ``[0, S) ∪ [L − W, L)`` per sequence from the mask's structure
-  (:func:`support`; exact masking happens in-kernel, so this only has to cover every visible key);
+  (:func:`support`; exact masking happens in-kernel, so this only has to cover every visible key), and which of
+  them every query row sees whole (:func:`full_support`: read without an element mask);
 * predicate / non-leaf masks: packed bitmaps of the ``Lq`` query rows over each sequence's keys, rebuilt per
   call (``Lq × L`` bits: decoding has few query rows);
 * row counts (Scalable-Softmax, relu, relu², relaxed): a counting pass of the kernel;
 * T5 relative bias: the bucket table over a power-of-two bound of the key count (rebuilt when it doubles).
 
-The split count fills the GPU: ``NSPLIT ≈ PROGRAMS_PER_SM · SMs / (B · HKV · row blocks)``, at most one split
-per ``MIN_BLOCKS_PER_SPLIT`` key blocks of the longest sequence.
+The split count fills the GPU in one wave: ``NSPLIT = ⌊pps · SMs / (B · HKV · row blocks)⌋`` (``pps``: programs of the
+configuration resident per SM, from its shared memory), at least 1 and at most one split per
+``MIN_BLOCKS_PER_SPLIT`` key blocks of the longest sequence.
 """
 from __future__ import annotations
 
@@ -35,24 +37,30 @@ from . import fused as F
 from . import plan as P
 from .triton.decode import attn_decode, attn_decode_combine
 
-__all__ = ["DecodeProblem", "decode", "support", "splits_for", "config_for", "DecodeConfig", "problem"]
+__all__ = ["DecodeProblem", "decode", "support", "full_support", "splits_for", "config_for", "DecodeConfig",
+           "problem"]
 
-#: programs per SM the split count aims for, and the fewest key blocks a split gets (GPU; tuned on the H200)
-PROGRAMS_PER_SM = int(os.environ.get("ATTNKIT_DECODE_PROGRAMS_PER_SM", "4"))
+#: the fewest key blocks a split gets (GPU)
 MIN_BLOCKS_PER_SPLIT = int(os.environ.get("ATTNKIT_DECODE_MIN_BLOCKS", "4"))
 #: the most query rows (``G · Lq``) one program holds; more rows run as several row blocks
 MAX_ROWS = 64
 INF_W = 1 << 30
 MAX_PROBLEMS = 128
+#: tests: count the reads of every key block (``last_trace [B, Hkv, blocks]`` after each call)
+TRACE = False
+last_trace: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Keys per block ``BN``, warps and pipeline stages of the decode kernel."""
+    """Keys per block ``BN``, warps and pipeline stages of the decode kernel, and ``pps``: programs the split count
+    puts on each SM (as many as fit at once: 3 stages of 64-key bf16 K and V tiles at D = 128 take 96 KiB of the
+    H100 / H200's 228 KiB of shared memory, so 2)."""
 
     BN: int
     warps: int = 4
     stages: int = 3
+    pps: int = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +83,36 @@ def support(mask: M.Mask, Lq: int) -> Tuple[int, int]:
     if mask.kind == "sliding_window":
         return 0, min(INF_W, mask.left + Lq)
     return 0, INF_W
+
+
+def full_support(mask: M.Mask, Lq: int) -> Tuple[int, int, int, int]:
+    """``(FS, FHB, FA, FB)``: every key in ``[0, min(FS, L − FHB)) ∪ [L − FA, L − FB)`` is visible to every one of the
+    last ``Lq`` query rows of a sequence of ``L`` keys (an under-approximation: the kernels read those keys with no
+    element mask; ``(0, 0, 0, 0)`` is the empty set). Leaves: full ``[0, L)``; causal ``[0, L − Lq + 1)``; a sliding
+    window ``[L − 1 − left, L − Lq + 1 + right)``; sinks ``[0, n)``; others nothing. ``|`` keeps the larger head and
+    tail, ``&`` intersects (pieces the form cannot hold are dropped)."""
+    if type(mask) is M._Or:
+        a, b = full_support(mask.a, Lq), full_support(mask.b, Lq)
+        return (*max(a[:2], b[:2], key=lambda x: (x[0], -x[1])), *max(a[2:], b[2:], key=lambda x: x[0] - x[1]))
+    if type(mask) is M._And:
+        a, b = full_support(mask.a, Lq), full_support(mask.b, Lq)
+        heads = [(min(a[0], b[0]), max(a[1], b[1]))]
+        tails = [(min(a[2], b[2]), max(a[3], b[3]))]
+        for x, y in ((a, b), (b, a)):
+            if y[2] >= INF_W:  # y's tail is a prefix [0, L − FB): x's head ∩ it is a head
+                heads.append((x[0], max(x[1], y[3])))
+            if x[0] >= INF_W:  # x's head is a prefix [0, L − FHB): ∩ y's tail is a tail
+                tails.append((y[2], max(y[3], x[1])))
+        return (*max(heads, key=lambda x: (x[0], -x[1])), *max(tails, key=lambda x: x[0] - x[1]))
+    if mask.kind == "full":
+        return INF_W, 0, 0, 0
+    if mask.kind == "causal":
+        return INF_W, Lq - 1, 0, 0
+    if mask.kind == "sliding_window":
+        return 0, 0, min(INF_W, 1 + mask.left), max(0, Lq - 1 - mask.right)
+    if mask.kind == "sinks":
+        return mask.n, 0, 0, 0
+    return 0, 0, 0, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +153,7 @@ class DecodeProblem(F.Problem):
             self.norm.value = None  # not read by the kernel
         self._static_buffers = None if self.dynamic else self._param_buffers()
         self.support = support(mask, Lq)
+        self.full = full_support(mask, Lq) if self.mp.mode != P.MODE_BITMAP else (0, 0, 0, 0)
         self.BM = max(16, triton.next_power_of_2(min(self.G * Lq, MAX_ROWS)))
         self.RB = triton.cdiv(self.G * Lq, self.BM)
         self.cx = self.constexprs(False)
@@ -203,35 +242,34 @@ def _num_sms(device: torch.device) -> int:
 def candidates(pb: DecodeProblem) -> List[DecodeConfig]:
     """The configurations autotuning tries (each one compile), default first."""
     base = config_for(pb)
-    extra = [DecodeConfig(64, 4, 4), DecodeConfig(32, 4, 4), DecodeConfig(128, 8, 3), DecodeConfig(64, 8, 3),
-             DecodeConfig(32, 2, 5), DecodeConfig(128, 4, 2)]
+    extra = [DecodeConfig(64, 4, 2, 3), DecodeConfig(64, 4, 4, 1), DecodeConfig(32, 4, 4, 3), DecodeConfig(32, 4, 3, 4),
+             DecodeConfig(128, 8, 2, 1), DecodeConfig(64, 8, 3, 2), DecodeConfig(64, 4, 3, 4), DecodeConfig(32, 2, 3, 6)]
     return [base] + [c for c in extra if c != base and (max(pb.D, pb.Dv) <= 128 or c.BN <= 64)]
 
 
 def config_for(pb: DecodeProblem) -> DecodeConfig:
     """Default configuration: 16-key blocks in the interpreter; on the GPU 64 keys × 3 stages at head dims ≤ 128
     in half precision (16-byte loads, three K/V tiles in flight), smaller blocks for float32 / wide heads."""
-    env = os.environ.get("ATTNKIT_DECODE_CONFIG")
+    env = os.environ.get("ATTNKIT_DECODE_CONFIG")  # "BN,warps,stages[,pps]" (benchmark sweeps)
     if env:
         return DecodeConfig(*(int(x) for x in env.split(",")))
     if tuning.interpreting():
-        return DecodeConfig(16, 4, 1)
+        return DecodeConfig(16, 4, 1, 2)
     d = max(triton.next_power_of_2(pb.D), triton.next_power_of_2(pb.Dv))
-    if pb.dtype in (torch.float32, torch.float64):
-        return DecodeConfig(32, 4, 2)
-    if d > 128:
-        return DecodeConfig(32, 4, 2)
-    return DecodeConfig(64, 4, 3)
+    if pb.dtype in (torch.float32, torch.float64) or d > 128:
+        return DecodeConfig(32, 4, 2, 2)
+    return DecodeConfig(64, 4, 3, 2)
 
 
-def splits_for(pb: DecodeProblem, max_len: int, BN: int) -> int:
+def splits_for(pb: DecodeProblem, max_len: int, cfg: DecodeConfig) -> int:
     """How many splits share each sequence's key blocks (see the module doc)."""
     S, W = pb.support
     need = min(max_len, S + W)
-    blocks = triton.cdiv(max(need, 1), BN)
+    blocks = triton.cdiv(max(need, 1), cfg.BN)
     base = pb.B * pb.Hkv * pb.RB
-    target = triton.cdiv(PROGRAMS_PER_SM * _num_sms(pb.device), base)
-    return max(1, min(target, blocks // MIN_BLOCKS_PER_SPLIT if pb.device.type == "cuda" else blocks))
+    fill = (cfg.pps * _num_sms(pb.device)) // base
+    most = blocks // MIN_BLOCKS_PER_SPLIT if pb.device.type == "cuda" else blocks
+    return max(1, min(fill, most))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +319,7 @@ def _config(pb, q, k, v, seqlens, max_len, block_table, want_lse, lens) -> Decod
 
 def _launch(pb: DecodeProblem, cfg: DecodeConfig, q, k, v, seqlens, max_len, block_table, want_lse, splits, lens):
     B, Hq, Lq, Dv, dev = pb.B, pb.Hq, pb.Lq, pb.Dv, pb.device
-    ns = splits or splits_for(pb, max_len, cfg.BN)
+    ns = splits or splits_for(pb, max_len, cfg)
     rows = B * Hq * Lq
     split = ns > 1
     out = F._empty(B, Hq, Lq, Dv, dtype=q.dtype, device=dev)
@@ -291,6 +329,13 @@ def _launch(pb: DecodeProblem, cfg: DecodeConfig, q, k, v, seqlens, max_len, blo
     lp = F._empty(rows * ns, dtype=pb.acc_t, device=dev) if split and pb.norm.softmax else d
     up = F._empty(rows * ns * Dv, dtype=pb.acc_t, device=dev) if split and pb.norm.gamma > 0 else d
     cnt = torch.zeros(rows, dtype=torch.float32, device=dev) if pb.need_counts else d
+    nbmax = triton.cdiv(max_len, cfg.BN)
+    if TRACE:
+        global last_trace
+        trc = torch.zeros(B * pb.Hkv * nbmax, dtype=torch.int32, device=dev)
+        last_trace = trc.view(B, pb.Hkv, nbmax)
+    else:
+        trc = pb.dummy_i
     if pb.paged:
         tbl = block_table if block_table.dim() == 3 else block_table.unsqueeze(1)
         stb, sth = tbl.stride(0), (tbl.stride(1) if tbl.shape[1] > 1 else 0)
@@ -305,17 +350,19 @@ def _launch(pb: DecodeProblem, cfg: DecodeConfig, q, k, v, seqlens, max_len, blo
     S, W = pb.support
     maskp = pb.mp.maskp if pb.mp.maskp is not None else pb.dummy_i
     maskd = pb.mp.maskd if pb.mp.maskd is not None else pb.dummy_i
-    head = (q, k, v, out, lse, op, lp, up, seqlens, tbl, cnt, *q.stride(), *k.stride(), *v.stride(), stb, sth)
+    head = (q, k, v, out, lse, op, lp, up, seqlens, tbl, cnt, trc, *q.stride(), *k.stride(), *v.stride(), stb, sth)
     tail = (maskp, maskd, bits, blut, bl_b, bl_h, nk128, modf, rbt, rbl, rb_off, normf, float(pb.norm.gamma),
-            Hq, pb.G, Lq, ns, S, W, pb.D, Dv, float(pb.scale))
-    sig = (q.stride(), k.stride(), v.stride(), k.dtype, _ints_sig(stb, sth, bl_b, bl_h, nk128, rb_off, ns, S, W),
+            Hq, pb.G, Lq, ns, S, W, *pb.full, nbmax, pb.D, Dv, float(pb.scale))
+    sig = (q.stride(), k.stride(), v.stride(), k.dtype,
+           _ints_sig(stb, sth, bl_b, bl_h, nk128, rb_off, ns, S, W, *pb.full, nbmax),
            F._aligned(q, k, v, seqlens, tbl, modf, normf, rbt, rbl, maskp, maskd, bits, blut))
     grid = (ns, B * pb.Hkv * pb.RB, 1)
     base = dict(pb.cx, SPLIT=split, PAGED=pb.paged, PAGE=pb.page if pb.paged else 1, SIG_LOGN=pb.sig_logn,
-                WANT_LSE=bool(want_lse and pb.norm.softmax), BM=pb.BM, BN=cfg.BN)
+                WANT_LSE=bool(want_lse and pb.norm.softmax), TRACE=TRACE, BM=pb.BM, BN=cfg.BN)
+    variant = (cfg, ns, base["WANT_LSE"], TRACE)
     if pb.need_counts:
-        _phase(pb, ("count", cfg, ns), grid, dict(base, PHASE=1), cfg).launch(sig, head + tail)
-    _phase(pb, ("main", cfg, ns), grid, dict(base, PHASE=0), cfg).launch(sig, head + tail)
+        _phase(pb, ("count",) + variant, grid, dict(base, PHASE=1), cfg).launch(sig, head + tail)
+    _phase(pb, ("main",) + variant, grid, dict(base, PHASE=0), cfg).launch(sig, head + tail)
     if split:
         nsp = triton.next_power_of_2(ns)
         cx = dict(NORM=pb.norm.code, HAS_SINK=pb.norm.has_sink, RELAXED=pb.norm.gamma > 0,

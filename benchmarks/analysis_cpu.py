@@ -60,12 +60,22 @@ def _measure(fn):
                  "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def timing(T: int, threads: int, T_linear: int) -> None:
+def timing(T: int, threads: int, T_linear: int, rule: str = "gated_delta", parts=("softmax", "linear")) -> None:
     from attnkit.analysis import attention_stats
     from attnkit.analysis.linear_maps import linear_stats
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     H, D = 8, 64
+    rows = []
+    if "softmax" in parts:
+        rows += _softmax_rows(T, H, D, attention_stats)
+    if "linear" in parts:
+        rows += _linear_rows(T_linear, H, D, rule, linear_stats)
+    _write(f"analysis-cpu-{T // 1024}k" if "softmax" in parts else f"analysis-cpu-linear-{T_linear // 1024}k", rows,
+           threads, H, D)
+
+
+def _softmax_rows(T, H, D, attention_stats):
     q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
     st, soft = _measure(lambda: attention_stats(q, k, mask="causal", sink_tokens=4, window=64, topk=8))
     assert bool(st.valid.all())
@@ -75,16 +85,25 @@ def timing(T: int, threads: int, T_linear: int) -> None:
     torch.testing.assert_close(st0.entropy, st.entropy)
     rows.append({"what": f"softmax causal, row statistics without top-k, T={T}", "T": T, **soft0,
                  "entropy_mean": round(float(st0.entropy.mean()), 4)})
-    del q, k, st, st0
-    ql, kl = torch.randn(1, H, T_linear, D), torch.randn(1, H, T_linear, D)
-    g = F.logsigmoid(4 + torch.randn(1, H, T_linear))
-    beta = torch.sigmoid(torch.randn(1, H, T_linear))
-    stl, lin = _measure(lambda: linear_stats(ql, kl, rule="gated_delta", gate=g, beta=beta, qk_l2norm=True, topk=8))
-    rows.append({"what": f"gated delta rule implicit map, row statistics + top-8, T={T_linear}", "T": T_linear, **lin,
-                 "entropy_mean": round(float(stl.entropy.mean()), 4)})
+    return rows
+
+
+def _linear_rows(T, H, D, rule, linear_stats):
+    q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    kw = {"rule": rule}
+    if rule in ("scalar_gate", "gated_delta"):
+        kw["gate"] = F.logsigmoid(4 + torch.randn(1, H, T))
+    if rule in ("delta", "gated_delta"):
+        kw.update(beta=torch.sigmoid(torch.randn(1, H, T)), qk_l2norm=True)
+    stl, lin = _measure(lambda: linear_stats(q, k, topk=8, **kw))
+    assert bool(stl.valid.all())
+    return [{"what": f"{rule} implicit map (chunkwise), row statistics + top-8, T={T}", "T": T, **lin,
+             "entropy_mean": round(float(stl.entropy.mean()), 4)}]
+
+
+def _write(name, rows, threads, H, D):
     res = {"env": _env(threads), "shape": {"B": 1, "H": H, "D": D, "dtype": "float32"},
            "targets": {"wall_s": 10, "peak_extra_mib": 512}, "rows": rows}
-    name = f"analysis-cpu-{T // 1024}k"
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1))
     md = [f"# Streaming analysis statistics on CPU ({res['env']['date']})", "",
           f"B=1, H={H}, D={D}, float32, torch {torch.__version__}, {threads} thread(s) on a {os.cpu_count()}-core "
@@ -145,10 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--T-linear", type=int, default=8192)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rule", default="gated_delta", help="linear rule of the implicit-map timing")
+    p.add_argument("--parts", default="softmax,linear", help="timing parts: softmax,linear")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if a.part == "timing":
-        timing(a.T, a.threads, a.T_linear)
+        timing(a.T, a.threads, a.T_linear, a.rule, tuple(a.parts.split(",")))
     else:
         minilm()
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +170,24 @@ def test_minilm_maps_statistics_flow_and_head_importance(minilm):
     torch.testing.assert_close(R.sum(-1), torch.ones(1, n0))
     fl = flow(avg, outputs=[0])
     assert fl.shape == (1, 1, n0) and bool((fl > 0).all()) and bool((fl <= 1 + 1e-6).all())
+    _committed_result_reproduces(tok, model)
     _minilm_gradient_importance(tok, model)
+
+
+def _committed_result_reproduces(tok, model):
+    """benchmarks/results/analysis-minilm.json (the README's numbers) from the eager implementation's maps, float64."""
+    res = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" / "analysis-minilm.json").read_text())
+    enc = tok(res["sentences"], padding=True, return_tensors="pt")
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = model(**enc, output_attentions=True).attentions
+    ok = enc["attention_mask"].bool()[:, None, :].expand(-1, 12, -1)
+    for layer, p in zip(res["layers"], maps):
+        p = p.to(F64)
+        ent = -(torch.where(p > 0, p * torch.log(p.clamp(min=1e-300)), torch.zeros_like(p))).sum(-1)
+        per_head = lambda x: torch.where(ok, x, torch.zeros_like(x)).sum((0, 2)) / ok.sum((0, 2))  # noqa: E731
+        assert abs(float(per_head(p[..., 0]).mean()) - layer["sink_cls"]) <= 2e-4, layer["layer"]
+        assert abs(float(per_head(ent).mean()) - layer["entropy"]) <= 2e-4, layer["layer"]
 
 
 def _minilm_gradient_importance(tok, model):

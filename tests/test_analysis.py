@@ -84,16 +84,18 @@ NORMS = {
     "relu2": lambda H: ("relu2", {"kind": "relu2"}),
     "none": lambda H: ("none", {"kind": "none"}),
 }
-MASKS = ["causal", "full", "window", "chunked", "prefix-batch", "doc-batch-unsorted", "streamingllm", "dilated",
-         "predicate-bh", "anti-causal", "causal-no-first", "empty"]
+#: always run (fully masked rows, an empty mask, causal); three of the others are drawn each run
+MASKS_ALWAYS = ["causal", "anti-causal", "causal-no-first", "empty"]
+MASKS_DRAWN = ["full", "window", "chunked", "prefix-batch", "doc-batch-unsorted", "streamingllm", "dilated",
+               "predicate-bh"]
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_streaming_stats_equal_float64_definitions(norm):
     """Every normalizer, random masks (incl. fully masked rows and an empty mask), GQA, Lq != Lk, odd tiles."""
-    for mname in MASKS:
+    for mname in MASKS_ALWAYS + random.sample(MASKS_DRAWN, 3):
         B, Hkv, G = random.randint(1, 2), random.randint(1, 2), random.randint(1, 3)
-        Lk = random.randint(2, 40)
+        Lk = random.randint(2, 33)
         Lq = Lk if mname in ("causal-no-first",) else random.randint(1, Lk)
         H, D = Hkv * G, random.choice([4, 8])
         q, k, _ = rand_qkv(B, H, Hkv, Lq, Lk, D, 1)

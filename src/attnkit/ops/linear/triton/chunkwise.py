@@ -399,7 +399,7 @@ def tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size: Optional[int], n_seq
         C = chunk_size or 16
         return Tiles(C, 16, 16, 16)
     C = chunk_size or 64
-    bv_state = min(pow2(Dv), 64 if n_seq_heads * triton.cdiv(Dv, 64) >= 256 else 32)
+    bv_state = min(pow2(Dv), 64 if n_seq_heads * -(-Dv // 64) >= 256 else 32)
     return Tiles(C, bv_state, min(pow2(Dv), 128 if Dk <= 128 else 64), min(pow2(Dv), 64))
 
 
@@ -451,7 +451,7 @@ class Problem:
     @property
     def grid_s(self):
         """Sequential programs: (Dv tiles, documents·H)."""
-        return (triton.cdiv(self.Dv, self.tiles.bv_state), self.n_seq * self.H)
+        return (-(-self.Dv // self.tiles.bv_state), self.n_seq * self.H)
 
     def tables(self, dev):
         if self.varlen:
@@ -710,7 +710,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, gate, beta, delta: bool, scale, ini
         n_seq, nt = len(cu) - 1, 0
     else:
         docs = chunks = choff = None
-        nt = triton.cdiv(T, tb.C)
+        nt = -(-T // tb.C)
         n_seq, nch = B, B * nt
     if initial_state is not None:
         _check("initial_state", initial_state, (n_seq, H, Dk, Dv), dev)

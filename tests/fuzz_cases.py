@@ -716,7 +716,7 @@ def examples(n: int) -> int:
 def run_property(request, strategy, body: Callable, n: int, explicit: Sequence[Case] = ()) -> None:
     """Run ``body(case)`` on ``examples(n)`` draws of ``strategy`` (after the ``explicit`` cases), hypothesis
     seeded from conftest's per-test seed. A test marked xfail does not shrink (it fails on purpose until its
-    fix lands; the lead removes the mark then)."""
+    fix lands; shrinking comes back with the mark's removal)."""
     xfail = request.node.get_closest_marker("xfail") is not None
     phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([] if xfail else [Phase.shrink])
     test = given(strategy)(body)

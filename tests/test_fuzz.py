@@ -6,7 +6,7 @@ in every reference form (materialized, streaming with its default and small odd 
 has no look-ahead, else a ValueError) and the Triton kernels under Triton's interpreter (float64, outputs
 poisoned with NaN before the kernels write them).
 
-The non-finite properties (issue 10, defects 4 and 5) are marked xfail(strict) until their fix lands.
+The non-finite properties are issue 10's defects 4 and 5 (fixed in b734334; before it the explicit examples fail).
 
 A failure prints a self-contained reproducer (the code that ran: pieces, seeded inputs, the call per form).
 Examples per property: see ``EXAMPLES`` (scale them with ``ATTNKIT_FUZZ_EXAMPLES=<multiplier>``).
@@ -108,7 +108,7 @@ def test_triton_interpreter(request, family):
 
 
 # ------------------------------------------------------------------------------------------------
-# Non-finite values (issue 10, defects 4 and 5): xfail(strict) until the fix lands
+# Non-finite values (issue 10, defects 4 and 5)
 # ------------------------------------------------------------------------------------------------
 
 def _causal_nan_v_last() -> FC.Case:
@@ -120,7 +120,6 @@ def _causal_nan_v_last() -> FC.Case:
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, reason="issue 10 defect 4/5: being fixed")
 def test_nonfinite_at_masked_positions(request):
     """Property: NaN / ±inf in k, v at keys some rows cannot see (and in q rows that see no key) change nothing for
     the rows that cannot see them: output, lse and the gradients those rows give (dq of theirs, dk / dv of keys
@@ -187,7 +186,6 @@ def check_nan_sink(case: FC.Case, forms) -> None:
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, reason="issue 10 defect 4/5: being fixed")
 def test_nan_sink_logit_same_in_every_form(request):
     """Property: a NaN sink logit (softmax_sink) raises in every form or propagates identically (check_nan_sink)."""
     def nan_sink_logit(case):

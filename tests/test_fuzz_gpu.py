@@ -105,7 +105,6 @@ def _causal_nan_v_last() -> FC.Case:
                    plants=[("v", 0, 0, L - 1, None, "float('nan')")])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 defect 4/5: being fixed")
 def test_nonfinite_at_masked_positions(request):
     """Property (tests/test_fuzz.py's): NaN / ±inf at keys a row cannot see (and in q rows that see no key) change
     nothing for that row, in the kernels too."""

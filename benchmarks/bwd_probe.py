@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from softmax_gpu import cached_pattern, make_steps, warm  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.tools.bench import time_ms  # noqa: E402
+from attnkit.tools.timing import time_ms  # noqa: E402
 from attnkit.ops.softmax import fused as A  # noqa: E402
 from attnkit.ops.utils import tuning  # noqa: E402
 from attnkit.tools.peers import peers  # noqa: E402

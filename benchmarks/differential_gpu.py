@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from softmax_gpu import _f, cached_pattern, make_steps, merge_rows, rel_err, table, visible_pairs, warm  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.tools.bench import environment, peak_memory, time_ms  # noqa: E402
+from attnkit.tools.bench import environment  # noqa: E402
+from attnkit.tools.timing import peak_memory, time_ms  # noqa: E402
 from attnkit.dispatch import sdpa  # noqa: E402
 from attnkit.normalizers import Softmax  # noqa: E402
 from attnkit import differential_attention  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 
 from attnkit import masks as M
 from attnkit import scores as S
-from attnkit.tools.bench import environment, peak_memory, time_ms
+from attnkit.tools.bench import environment
+from attnkit.tools.timing import peak_memory, time_ms
 
 PATTERNS = ["full", "causal", "sliding_window_1024", "causal_softcap30", "causal_alibi", "document8_causal",
             "prefix_lm_quarter", "cross_full", "cross_causal"]

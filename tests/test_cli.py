@@ -1,5 +1,6 @@
 """The command line, the registry and the README catalog."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 import attnkit
 from attnkit import masks, scores
 from attnkit.catalog import registry
-from attnkit.tools.bench import peak_memory
+from attnkit.tools.timing import peak_memory
 from attnkit.tools.cli import main
 from attnkit.catalog import Variant
 
@@ -86,6 +87,142 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert na and all(r["form"] == "recurrent" and not registry.PATTERNS[r["pattern"]][0] for r in na)
     assert data["environment"]["torch"] == torch.__version__
     assert "causal-cross" in text
+
+
+def test_bench_cpu_peers_spread_and_width(tmp_path, capsys):
+    """On a CPU, every run times SDPA next to attnkit (same inputs, outputs checked against attnkit's), keeps every
+    sample with min/median/max, and says where a peer cannot compute a cell; the text fits 120 columns."""
+    out = tmp_path / "p.json"
+    rc = main(["bench", "--variants", "softmax,sigmoid,gated-deltanet", "--patterns", "causal-self,cross",
+               "--lengths", "32,48", "--rep", "3", "--min-time", "0", "--peers", "sdpa-math,sdpa-flash,fla",
+               "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out
+    data = json.loads(out.read_text())
+    assert data["schema"] == "attnkit.bench" and data["schema_version"] == 2
+    for r in data["rows"]:
+        if r["status"] == "ok":
+            assert r["n"] == len(r["samples"]) >= 3 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+            assert r["ms_min"] == min(r["samples"]) and r["ms_max"] == max(r["samples"])
+    peers = data["peers"]
+    sm = [p for p in peers if p["variant"] == "softmax" and p["status"] == "ok"]
+    assert {(p["form"], p["mode"]) for p in sm} == {(n, m) for n in ("sdpa-math", "sdpa-flash")
+                                                   for m in ("fwd", "fwd+bwd")}
+    assert all(p["extra"]["rel_err_vs_attnkit"] < 1e-4 for p in sm if p["mode"] == "fwd")
+    sig = [p for p in peers if p["variant"] == "sigmoid"]
+    assert sig and all(p["status"] == "n/a" and "softmax" in p["note"] for p in sig)
+    fla = [p for p in peers if p["form"] == "fla"]
+    assert fla and all(p["status"] == "n/a" and p["note"] for p in fla)
+    assert {p["variant"] for p in fla} == {"gated-deltanet"}
+    assert all(len(line) <= 120 for line in cap.out.splitlines()), max(cap.out.splitlines(), key=len)
+    assert "sdpa-math" in cap.out and "n/a: sdpa-math on sigmoid" in cap.out
+    assert "efficiency length" in cap.out
+    assert "\r" not in cap.err and "[bench 1/" in cap.err  # a log gets plain lines, no carriage returns
+    assert main(["bench", "--variants", "softmax", "--patterns", "causal-self", "--lengths", "32", "--rep", "1",
+                 "--min-time", "0", "--no-peers", "--wide", "--quiet", "--out", str(out)]) == 0
+    wide = capsys.readouterr().out
+    assert "median" in wide and "q1" in wide and "streaming" in wide
+    assert json.loads(out.read_text())["peers"] == []
+
+
+def test_bench_compiled_flex_peer_on_cpu(tmp_path):
+    """Compiled FlexAttention runs on the CPU forward (checked against attnkit); its backward row says why not."""
+    out = tmp_path / "f.json"
+    assert main(["bench", "--variants", "softmax", "--patterns", "causal-cross", "--lengths", "64", "--rep", "2",
+                 "--min-time", "0", "--peers", "flex", "--quiet", "--out", str(out)]) == 0
+    flex = {p["mode"]: p for p in json.loads(out.read_text())["peers"]}
+    assert flex["fwd"]["status"] == "ok" and flex["fwd"]["ms"] > 0, flex["fwd"]
+    assert flex["fwd"]["extra"]["rel_err_vs_attnkit"] < 1e-4 and flex["fwd"]["extra"]["first_call_s"] > 0
+    assert flex["fwd+bwd"]["status"] == "n/a" and "backward on CPU" in flex["fwd+bwd"]["note"]
+
+
+def test_bench_peer_that_disagrees_is_not_timed(tmp_path, monkeypatch):
+    """A peer whose output differs from attnkit's gets status 'mismatch' and no time."""
+    from attnkit.tools import bench as B
+
+    def wrong(v, spec, inputs, backward):
+        return (lambda: inputs["v"][:, :, : spec.Lq] * 0 + 1), inputs
+    monkeypatch.setattr(B, "PEERS", B.PEERS + (B.Peer("wrong", "softmax", ("cpu",), wrong),))
+    rows = B.sweep([registry.get_variant("softmax")], ["causal-self"], [16], rep=1, min_time_s=0.0,
+                   peers=["wrong"], fwd_only=True)
+    bad = [r for r in rows if r.impl == "wrong"]
+    assert len(bad) == 1 and bad[0].status == "mismatch" and bad[0].ms is None and "differs" in bad[0].note
+    with pytest.raises(ValueError, match="unknown peers"):
+        B.sweep([registry.get_variant("softmax")], ["causal-self"], [16], peers=["nope"])
+
+
+def _row(variant, T, ms, impl="attnkit", form="streaming", pattern="causal-self", mode="fwd", **kw):
+    from attnkit.tools.bench import BenchRow
+    return BenchRow(variant, "softmax", pattern, T, T, T, form if impl == "attnkit" else impl, mode, ms=ms,
+                    ms_min=ms, ms_max=ms, n=3, samples=[ms] * 3, impl=impl, **kw)
+
+
+def test_off_trend_cells_are_flagged():
+    """The issue's case: a shorter length measured 27x slower than a longer one is flagged, neighbours are not."""
+    from attnkit.tools.bench import _off_trend, pivot_tables
+    rows = [_row("sliding-window", 128, 2.0), _row("sliding-window", 256, 79.9), _row("sliding-window", 512, 2.9),
+            _row("sliding-window", 1024, 6.1)]
+    assert [r.T for r in _off_trend(rows)] == [256]
+    rows[1].flags.append("off-trend")
+    text = str(pivot_tables(rows)[0].body)
+    assert "79.9 [79.9-79.9]~" in text and "]~" not in text.replace("79.9 [79.9-79.9]~", "")
+
+
+def test_efficiency_length_from_the_definition():
+    """CAB: the length from which the variant beats the fastest plain-softmax implementation; log-log
+    interpolation between the measured lengths around the crossing."""
+    from attnkit.tools.bench import efficiency_lengths
+    Ts = [256, 512, 1024]
+    soft = [1.0, 4.0, 16.0]
+    peer = [0.8, 5.0, 20.0]  # the fastest softmax at 256 is the peer
+    var = [2.0, 4.5, 8.0]
+    never = [3.0, 9.0, 30.0]
+    always = [0.1, 0.2, 0.4]
+    rows = [_row("softmax", T, m) for T, m in zip(Ts, soft)] + \
+        [_row("softmax", T, m, impl="sdpa-math") for T, m in zip(Ts, peer)] + \
+        [_row("x", T, m) for T, m in zip(Ts, var)] + [_row("slow", T, m) for T, m in zip(Ts, never)] + \
+        [_row("fast", T, m) for T, m in zip(Ts, always)]
+    eff = {e["variant"]: e for e in efficiency_lengths(rows)}
+    assert "softmax" not in eff
+    base = [min(a, b) for a, b in zip(soft, peer)]
+    ra, rb = var[1] / base[1], var[2] / base[2]
+    want = 512 * 2 ** (math.log(ra) / (math.log(ra) - math.log(rb)))
+    assert eff["x"]["length"] == round(want) and eff["x"]["text"] == f"≈{round(want)}"
+    assert eff["x"]["baseline"][256] == "sdpa-math" and eff["x"]["ratios"][256] == pytest.approx(2.0 / 0.8)
+    assert eff["slow"]["length"] is None and eff["slow"]["text"] == ">1024"
+    assert eff["fast"]["text"] == "≤256"
+
+
+def test_list_fits_120_columns(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 120 for line in lines), max(lines, key=len)
+    assert main(["list", "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "paper" in wide and "Vaswani" in wide and max(len(x) for x in wide.splitlines()) > 120
+
+
+def test_timing_spread_warmup_and_noise_flag():
+    """measure(): at least min_rep samples, min <= median <= max; a call 50x slower than the rest is flagged noisy;
+    warm-up runs until the call times settle."""
+    import time as _time
+    from attnkit.tools.timing import measure, time_ms, warm_up
+    t = measure(lambda: _time.sleep(0.001), min_rep=7, min_time_s=0.0)
+    assert t.n >= 7 and t.min <= t.q1 <= t.median <= t.q3 <= t.max and 0.9 < t.median < 20
+    calls = {"n": 0}
+
+    def spiky():
+        calls["n"] += 1
+        _time.sleep(0.05 if calls["n"] == 12 else 0.001)
+    s = measure(spiky, min_rep=15, min_time_s=0.0)
+    assert "noisy" in s.flags and s.max > 2 * s.median
+    delays = iter([0.04, 0.03, 0.02, 0.012, 0.006] + [0.002] * 100)  # a cache warming up: each call faster
+
+    def settling():
+        _time.sleep(next(delays))
+    n, stable, last = warm_up(settling, max_s=5.0)
+    assert n >= 7 and stable and last < 10
+    assert isinstance(time_ms(lambda: None, rep=2), float)
 
 
 def test_default_bench_variants_exist():

@@ -284,7 +284,7 @@ def test_varlen_gpu():
 
 def test_memory_is_linear_in_length():
     """fwd+bwd extra memory at T=16k stays within a small multiple of the inputs (no T×T anywhere)."""
-    from attnkit.tools.bench import peak_memory
+    from attnkit.tools.timing import peak_memory
     T, H, D = 16384, 4, 64
     q, k, v = (torch.randn(1, H, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 

@@ -1,0 +1,190 @@
+"""Timing with spread, warm-up until stable, and peak memory: the measurement layer of ``attnkit bench``.
+
+:func:`measure` runs ``fn`` until its call times settle (warm-up), then samples it with
+``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls, every sample kept) or
+``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (accelerator synchronized, all threads), and
+returns a :class:`Timing`: every sample in milliseconds, min / quartiles / median / max and flags.
+
+:func:`peak_memory` is the peak *extra* memory of one call over what was allocated before it: on CUDA
+``max_memory_allocated`` minus the allocation at entry (the caching allocator's own count); on CPU the peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set at entry, after
+``malloc_trim`` hands freed heap back to the OS (Linux; None where /proc cannot be used).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["sync", "Timing", "warm_up", "measure", "time_ms", "peak_memory", "cpu_peak_supported",
+           "NOISY_RATIO"]
+
+#: a cell whose slowest sample exceeds this multiple of its median is flagged ``noisy``
+NOISY_RATIO = 2.0
+
+
+def sync(device) -> None:
+    """Wait for the device (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted ``xs``."""
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Samples of one measurement (ms per call) and how they were taken.
+
+    ``samples`` are per-call times (CUDA: one call each; CPU: the mean call time of each block of
+    ``per_sample`` calls that ``blocked_autorange`` chose). ``warmup_calls`` untimed calls ran first;
+    ``stable`` says whether their times settled within the warm-up budget.
+    """
+
+    samples: List[float]
+    warmup_calls: int = 0
+    stable: bool = True
+    method: str = ""
+    per_sample: int = 1
+    flags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.samples:
+            raise ValueError("a Timing needs at least one sample")
+        s = sorted(self.samples)
+        self.min, self.max = s[0], s[-1]
+        self.median = statistics.median(s)
+        self.q1, self.q3 = _quantile(s, 0.25), _quantile(s, 0.75)
+        if not self.stable and "unstable" not in self.flags:
+            self.flags.append("unstable")
+        if self.max > NOISY_RATIO * self.median and "noisy" not in self.flags:
+            self.flags.append("noisy")
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(min=self.min, median=self.median, max=self.max, q1=self.q1, q3=self.q3, n=self.n)
+        return d
+
+
+def warm_up(fn: Callable[[], Any], device="cpu", *, min_calls: int = 2, max_calls: int = 50, max_s: float = 2.0,
+            rel_tol: float = 0.15) -> tuple:
+    """Call ``fn`` until two consecutive call times agree within ``rel_tol`` of their mean (after at least
+    ``min_calls`` calls; the first call, which compiles and fills caches, never counts), at most ``max_calls``
+    calls or ``max_s`` seconds. Returns ``(calls, stable, last_ms)``."""
+    dev = torch.device(device)
+    times: List[float] = []
+    t_start = time.perf_counter()
+    calls = 0
+    while True:
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+        calls += 1
+        tail = times[1:][-2:]
+        if calls >= max(min_calls, 3) and len(tail) == 2:
+            med = statistics.median(tail)
+            if max(tail) - min(tail) <= rel_tol * med:
+                return calls, True, med
+        if calls >= max_calls or time.perf_counter() - t_start > max_s:
+            return calls, False, times[-1]
+
+
+def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s: float = 0.1,
+            warmup_max_s: float = 2.0, warmup_min_calls: int = 2) -> Timing:
+    """Warm ``fn`` up until stable (:func:`warm_up`), then sample it at least ``min_rep`` times and for at least
+    ``min_time_s`` seconds: ``triton.testing.do_bench`` on CUDA (every call timed with CUDA events),
+    ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads, accelerator synced)."""
+    dev = torch.device(device)
+    calls, stable, last_ms = warm_up(fn, dev, min_calls=warmup_min_calls, max_s=warmup_max_s)
+    min_rep = max(1, int(min_rep))
+    if dev.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            rep_ms = max(min_time_s * 1e3, 1.2 * min_rep * max(last_ms, 1e-3))
+            samples = list(do_bench(fn, warmup=1, rep=rep_ms, return_mode="all"))
+            while len(samples) < min_rep:  # do_bench's estimate ran long: top up with single calls
+                samples += list(do_bench(fn, warmup=1, rep=1, return_mode="all"))
+            return Timing([float(s) for s in samples], calls, stable, "triton.testing.do_bench")
+    from torch.utils.benchmark import Timer
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_time_s)
+    samples = [t * 1e3 for t in m.times]
+    while len(samples) < min_rep:
+        samples += [t * 1e3 for t in timer.timeit(m.number_per_run).times]
+    return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", m.number_per_run)
+
+
+def time_ms(fn: Callable[[], Any], device="cpu", warmup: int = 2, rep: int = 5, min_time_s: float = 0.0) -> float:
+    """Median milliseconds per call of ``fn`` (:func:`measure` with at least ``warmup`` warm-up calls and ``rep``
+    samples)."""
+    return measure(fn, device, min_rep=rep, min_time_s=min_time_s, warmup_min_calls=warmup).median
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def cpu_peak_supported() -> bool:
+    """Whether the peak resident set can be reset and read (Linux /proc)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def peak_memory(fn: Callable[[], Any], device="cpu") -> Optional[int]:
+    """Peak extra bytes allocated while running ``fn()`` once (None where it cannot be measured)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        sync(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    if not cpu_peak_supported():
+        return None
+    import gc
+    gc.collect()
+    _malloc_trim()  # hand freed heap back to the OS so the baseline is what is really live
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(0, _status_kib("VmHWM") - base) * 1024

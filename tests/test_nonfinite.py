@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 
 _env = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # the kernels are decorated as interpreted functions when imported
@@ -30,7 +29,6 @@ from attnkit import masks as M  # noqa: E402
 from attnkit import normalizers as N  # noqa: E402
 from attnkit import scores as S  # noqa: E402
 from attnkit.ops.softmax import streaming_blocks  # noqa: E402
-from attnkit.ops.softmax.call import at_visible, sum_visible  # noqa: E402
 
 from conftest import Pos, one_thread, ref_attention  # noqa: E402
 
@@ -113,7 +111,7 @@ def expected(c: Case):
     lse = torch.full((B, Hq, Lq), -INF, dtype=F64)
     for b in range(B):
         for h in range(Hq):
-            sig = None if c.sink is None else float(c.sink[h] if c.sink.dim() else c.sink)
+            sig = None if c.sink is None else c.sink.detach().reshape(-1)[h if c.sink.dim() else 0].item()
             for i in range(Lq):
                 js = c.vis[b, h, i].nonzero().flatten()
                 s = s_all[b, h, i, js]
@@ -134,7 +132,8 @@ def expected(c: Case):
                         p = (1 - c.gamma) * p + c.gamma / max(n, 1)
                 else:
                     if c.kind == "sigmoid":
-                        bias = -math.log(Lk) if c.bias is None else float(c.bias[h] if c.bias.dim() else c.bias)
+                        bias = (-math.log(Lk) if c.bias is None
+                                else c.bias.detach().reshape(-1)[h if c.bias.dim() else 0].item())
                         p = torch.sigmoid(s + bias)
                     elif c.kind == "relu":
                         p = torch.relu(s) / max(n, 1)
@@ -175,23 +174,14 @@ def run(form: str, c: Case, q, k, v):
     return res if c.softmax else (res, None)
 
 
-def _loss(c: Case, out, lse):
-    """<out, dO> + <lse, dlse> (dlse only on rows with a finite lse... of the reference: passed in)."""
-    loss = (out * c.dout).sum()
-    if lse is not None:
-        loss = loss + (torch.where(torch.isneginf(lse), 0.0, lse) * c.dlse).sum()
-    return loss
-
-
 def _same_nan(what, got, want):
-    assert not torch.isinf(got).any() or (want is not None and torch.equal(torch.isneginf(got), torch.isneginf(want))), \
-        f"{what}: ±inf where NaN or a number was expected at {torch.isinf(got).nonzero()[:4].tolist()}"
-    diff = torch.isnan(got) != torch.isnan(want)
-    assert not diff.any(), (f"{what}: NaN in one and not the other at {diff.nonzero()[:4].tolist()}: got "
-                            f"{[got[tuple(i)].item() for i in diff.nonzero()[:4]]}, want "
-                            f"{[want[tuple(i)].item() for i in diff.nonzero()[:4]]}")
-    ninf = torch.isneginf(got) != torch.isneginf(want)
-    assert not ninf.any(), f"{what}: -inf in one and not the other at {ninf.nonzero()[:4].tolist()}"
+    """NaN exactly where ``want`` is NaN, −inf exactly where it is −inf (an lse's rows without keys), never +inf."""
+    assert not torch.isposinf(got).any(), f"{what}: +inf at {torch.isposinf(got).nonzero()[:4].tolist()}"
+    for name, fn in (("NaN", torch.isnan), ("-inf", torch.isneginf)):
+        diff = fn(got) != fn(want)
+        at = diff.nonzero()[:4]
+        assert not diff.any(), (f"{what}: {name} in one and not the other at {at.tolist()}: got "
+                                f"{[got[tuple(i)].item() for i in at]}, want {[want[tuple(i)].item() for i in at]}")
 
 
 def _close(what, got, want, atol=1e-9, rtol=1e-7):
@@ -212,9 +202,8 @@ def check(c: Case, forms=FORMS):
     sees = c.vis.any(-1)
     dirty = (c.vis & (bad_k | bad_v)).any(-1) | (sees & ~torch.isfinite(c.q).all(-1))
     dirty |= sees & ~torch.isfinite(c.dout).all(-1)
-    if c.sink is not None:
-        dirty |= ~torch.isfinite(c.sink).view(1, -1, 1).expand(B, Hq, Lq) if c.sink.dim() else \
-            ~torch.isfinite(c.sink).expand(B, Hq, Lq)
+    if c.sink is not None:  # a non-finite sink logit: every row of its head
+        dirty |= ~torch.isfinite(c.sink.detach()).reshape(1, -1, 1).expand(B, Hq, Lq)
     clean_rows = ~dirty
     clean_keys = ~(c.vis & dirty[..., None]).reshape(B, c.k.shape[1], G * Lq, Lk).any(2)
     # the clean problem: non-finite values replaced by 0, cotangents of rows without keys included
@@ -255,9 +244,10 @@ def check(c: Case, forms=FORMS):
             for i, (g, w) in enumerate(zip(got[3:], want_g[3:])):
                 _close(f"{what} dparam{i}", g, w.to(g.dtype), atol=1e-8, rtol=1e-6)
         results[form] = (out, lse, got)
-    first = next(iter(results))
+    first = next(iter(results), None)
+    names = ["dq", "dk", "dv"] + [f"dparam{i}" for i in range(len(c.params))]
     for form, (_, _, got) in results.items():  # the same non-finite gradient entries everywhere
-        for name, a, b in zip(["dq", "dk", "dv", "dparams"], got, results[first][2]):
+        for name, a, b in zip(names, got, results[first][2]):
             diff = torch.isfinite(a) != torch.isfinite(b)
             assert not diff.any(), (f"[{form}] vs [{first}] {name}: non-finite in one and not the other at "
                                     f"{diff.nonzero()[:4].tolist()}")
@@ -363,14 +353,17 @@ def test_gqa_cross_attention_keys_seen_by_nobody():
 
 @pytest.mark.parametrize("norm", ["softmax", "sigmoid", "relu"])
 def test_visible_nonfinite_score(norm):
-    """A visible +inf / NaN score (softmax family), a non-finite weight (elementwise): the whole row is NaN, lse
-    too; a −inf score under softmax is weight 0 (a mask)."""
+    """Visible non-finite scores: NaN / +inf (softmax family) or a non-finite weight (elementwise) make the whole
+    row NaN (lse too); a −inf score is weight 0 (as a mask): those rows stay exact."""
     L = 33
     kw = {"softmax": {}, "sigmoid": dict(normalizer="sigmoid", kind="sigmoid"),
           "relu": dict(normalizer="relu", kind="relu")}[norm]
     c = Case(1, 1, 1, L, L, 16, 16, M.sliding_window(9, 2), lambda b, h, q, kv: q - 9 <= kv <= q + 2, **kw)
-    c.plant("q", (0, 0, 20), INF).plant("k", (0, 0, 5), -INF).plant("q", (0, 0, 27, 1), NAN)
-    check(c)
+    c.q[0, 0, 3:15, 0] = c.q[0, 0, 3:15, 0].abs() + 0.1  # rows 3..14 see key 5: their score with it is −inf
+    c.plant("k", (0, 0, 5, 0), -INF).plant("q", (0, 0, 20), INF).plant("q", (0, 0, 27, 1), NAN)
+    res = check(c)
+    for out, _, _ in res.values():
+        assert not torch.isnan(out[0, 0, :20]).any() and torch.isnan(out[0, 0, [20, 27]]).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,6 +483,7 @@ def test_double_backward_supported_and_unaffected_by_hidden_nan(form):
 def test_visible_products_gradcheck_and_hidden_values():
     """sum_visible / at_visible: gradcheck and gradgradcheck at float64; with non-finite values at hidden pairs
     the values and the first- and second-order gradients equal those with zeros there."""
+    from attnkit.ops.softmax.call import at_visible, sum_visible
     M_, K_, N_ = 6, 7, 5
     vis = torch.rand(2, M_, K_) < 0.6
     vis[:, 0] = False  # a row that sees nothing

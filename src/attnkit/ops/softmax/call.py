@@ -28,9 +28,13 @@ changes nothing, in the output or in any gradient. A row that sees one:
   (and the lse) equals the computation without the non-finite values, exactly.
 
 Outputs are never ±inf from non-finite inputs: such an entry is NaN. Gradients are the usual formulas with each
-sum over visible pairs, so non-finite values reach exactly the gradients a visible pair connects them to (a row
-with a NaN output entry has a non-finite dq and makes non-finite the dk of every key it sees; a row whose
-weights are undefined also the dv of every key it sees); whether such an entry is NaN or ±inf is not specified.
+sum over visible pairs (dq_i = Σ_j ds_ij k_j, dk_j = Σ_i ds_ij q_i, dv_j = Σ_i p_ij dO_i over pairs with
+mask(i, j)), so a non-finite value reaches exactly the gradients a visible pair connects it to: e.g. under a
+softmax a row with a NaN output entry has a non-finite dq and gives a non-finite dk to every key it sees (through
+Σ dO·O), a row with undefined weights also a non-finite dv; NaN or ±inf there is not specified. One
+simplification: in the streaming form and the kernels the sink logit's gradient takes nothing from a row whose
+output is exactly zero (e.g. one without a visible key), whatever its dO; the materialized and recurrent forms
+apply that to rows without a visible key only.
 Products of non-finite operands go through :func:`sum_visible` / :func:`at_visible` (selects, never a
 multiplication by a 0/1 mask); inputs that are all finite take the plain path, bit for bit as before.
 """

@@ -312,19 +312,24 @@ def test_document_mask_with_a_nan_padded_tail(norm):
         assert not torch.isnan(out[..., :28, :]).any() and torch.isnan(out[..., 28:, :]).all()
 
 
-def test_fully_masked_rows_with_nan_q_and_do_and_learnable_mods():
+@pytest.mark.parametrize("pieces", ["mods", "sink"])
+def test_fully_masked_rows_with_nan_q_and_do(pieces):
     """Rows that see no key (~sinks(1) removes key 0; Lq > Lk leaves leading rows empty) with NaN q and NaN dO, and
-    key 0 (+inf k, NaN v) seen by nobody: nothing changes anywhere, the learnable ALiBi slopes' and temperature's
-    gradients included."""
+    key 0 (+inf k, NaN v) seen by nobody: nothing changes anywhere, the gradients of learnable ALiBi slopes and
+    temperature, or of sink logits (to which rows without keys do contribute, through their lse), included."""
     Lq, Lk = 41, 30
-    t = torch.rand(2, dtype=F64).add(0.5).requires_grad_()
-    slopes = torch.rand(2, dtype=F64).requires_grad_()
+    if pieces == "mods":
+        t = torch.rand(2, dtype=F64).add(0.5).requires_grad_()
+        slopes = torch.rand(2, dtype=F64).requires_grad_()
 
-    def mod(s, P):
-        return (s - slopes.view(1, -1, 1, 1) * (P.q - P.kv).abs()) / t.view(1, -1, 1, 1)
+        def mod(s, P):
+            return (s - slopes.view(1, -1, 1, 1) * (P.q - P.kv).abs()) / t.view(1, -1, 1, 1)
 
-    c = Case(1, 2, 2, Lq, Lk, 16, 16, M.causal & ~M.sinks(1), lambda b, h, q, kv: 1 <= kv <= q,
-             score_mod=[S.alibi(slopes), S.temperature(t)], mod=mod, params=[slopes, t])
+        kw = dict(score_mod=[S.alibi(slopes), S.temperature(t)], mod=mod, params=[slopes, t])
+    else:
+        sink = torch.randn(2, dtype=F64).requires_grad_()
+        kw = dict(normalizer=N.softmax_sink(sink), kind="sink", sink=sink, params=[sink])
+    c = Case(1, 2, 2, Lq, Lk, 16, 16, M.causal & ~M.sinks(1), lambda b, h, q, kv: 1 <= kv <= q, **kw)
     empty = ~c.vis.any(-1)
     c.q[empty], c.dout[empty] = NAN, NAN
     c.plant("k", (0, slice(None), 0), INF).plant("v", (0, slice(None), 0), NAN)

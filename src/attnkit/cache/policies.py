@@ -362,21 +362,36 @@ class PolicyCache(KVCache, StateCache):
                     score[:, :, :pre] = self._pool(add[:, :, :pre], p.snap)
         if n <= p.budget or (p.snap is not None and T == 1):
             return
-        keep = select(p, self._pos[layer_idx][:, :, :n], self._seen[layer_idx], score[:, :, :n])
-        m = int(keep[0, 0].sum())
-        idx = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :m].sort(-1).values
-        for store in (self._k, self._v):
-            t = store[layer_idx]
-            t[:, :, :m] = t[:, :, :n].gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))
-        for store in (self._pos, self._score):
-            t = store[layer_idx]
-            t[:, :, :m] = t[:, :, :n].gather(2, idx)
+        if not any(pc.scored for pc in p.pieces):
+            m = self._evict_positional(layer_idx, p, n)
+        else:
+            keep = select(p, self._pos[layer_idx][:, :, :n], self._seen[layer_idx], score[:, :, :n])
+            m = int(keep[0, 0].sum())
+            idx = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :m].sort(-1).values
+            for store in (self._k, self._v):
+                t = store[layer_idx]
+                t[:, :, :m] = t[:, :, :n].gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))
+            for store in (self._pos, self._score):
+                t = store[layer_idx]
+                t[:, :, :m] = t[:, :, :n].gather(2, idx)
         self.evicted += n - m
         self._n[layer_idx] = m
         cap = self._k[layer_idx].shape[2]
         if cap > m + 1:  # after a prompt: back to budget + one decode slot
             for store in (self._k, self._v, self._pos, self._score):
                 store[layer_idx] = store[layer_idx][:, :, :m + 1].clone()
+
+    def _evict_positional(self, layer_idx: int, p: Policy, n: int) -> int:
+        """Sinks + recent (the same for every sequence and head): the sinks are the first slots (never evicted,
+        positions ``0 … a−1``) and the recent tokens the last ones, so eviction moves one slice (no gather)."""
+        a = min(sum(pc.n for pc in p.pieces if isinstance(pc, Sinks)), n)
+        w = min(sum(pc.w for pc in p.pieces if isinstance(pc, Recent)), n - a)
+        m = a + w
+        if m < n:
+            for store in (self._k, self._v, self._pos, self._score):
+                t = store[layer_idx]
+                t[:, :, a:m] = t[:, :, n - w:n].clone()
+        return m
 
     @staticmethod
     def _pool(s: Tensor, snap: SnapKV) -> Tensor:

@@ -250,8 +250,8 @@ def candidates(pb: DecodeProblem) -> List[DecodeConfig]:
 def config_for(pb: DecodeProblem) -> DecodeConfig:
     """Default configuration: 16-key blocks in the interpreter; on the GPU 64 keys × 3 stages at head dims ≤ 128
     in half precision (16-byte loads, three K/V tiles in flight), smaller blocks for float32 / wide heads."""
-    env = os.environ.get("ATTNKIT_DECODE_CONFIG")  # "BN,warps,stages[,pps]" (benchmark sweeps)
-    if env:
+    env = os.environ.get("ATTNKIT_DECODE_CONFIG_PAGED" if pb.paged else "ATTNKIT_DECODE_CONFIG")
+    if env:  # "BN,warps,stages[,pps]" (benchmark sweeps)
         return DecodeConfig(*(int(x) for x in env.split(",")))
     if tuning.interpreting():
         return DecodeConfig(16, 4, 1, 2)
@@ -298,7 +298,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, *, max_len: int, bl
 
 
 def _config(pb, q, k, v, seqlens, max_len, block_table, want_lse, lens) -> DecodeConfig:
-    if tuning.interpreting() or not tuning.enabled() or os.environ.get("ATTNKIT_DECODE_CONFIG"):
+    if tuning.interpreting() or not tuning.enabled() or os.environ.get("ATTNKIT_DECODE_CONFIG" + (
+            "_PAGED" if pb.paged else "")):
         return config_for(pb)
     key = (torch.cuda.get_device_name(pb.device), pb.D, pb.Dv, pb.dtype, pb.paged, pb.page, pb.BM, pb.mp.kind,
            pb.norm.code, pb.mods.packed != 0)

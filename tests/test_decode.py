@@ -531,3 +531,23 @@ def test_support_is_conservative():
     assert DK.support(M.sinks(2), 2) == (2, 0)
     assert DK.support(M.causal, 1)[1] >= 1 << 30
     assert math.isfinite(DK.support(M.sliding_window(3, 2) & M.causal, 4)[1])
+
+
+def test_route_for_attention():
+    """What ``attnkit.attention`` should send to ``decode_attention`` (``route``): few query rows over many keys, no
+    gradient, default positions; deterministic calls keep to the kernel; ``auto`` on CPU keeps the reference."""
+    from attnkit.dispatch.decode import ROUTE_MIN_K, route
+    sm = N.as_normalizer("softmax")
+    q = torch.randn(2, 4, 1, 16, dtype=F64)
+    k = torch.randn(2, 2, ROUTE_MIN_K, 16, dtype=F64)
+    assert route(q, k, k, "triton", None, sm, None, None) == "triton"
+    assert route(q, k, k, "triton", None, sm, None, True) == "triton"
+    assert route(q, k, k, "auto", None, sm, None, None) is None  # CPU: auto runs the reference
+    assert route(q, k[:, :, :ROUTE_MIN_K - 1], k, "triton", None, sm, None, None) is None
+    assert route(torch.randn(2, 4, 17, 16, dtype=F64), k, k, "triton", None, sm, None, None) is None
+    assert route(q, k, k, "triton", None, sm, (None, 5), None) is None
+    assert route(q.clone().requires_grad_(), k, k, "triton", None, sm, None, None) is None
+    assert route(q, k, k, "triton", S.alibi(torch.rand(4, dtype=F64).requires_grad_()), sm, None, None) is None
+    with torch.no_grad():
+        assert route(q.clone().requires_grad_(), k, k, "triton", None, sm, None, None) == "triton"
+    assert route(q, k, k, "reference", None, sm, None, None) is None

@@ -37,12 +37,15 @@ from ..ops.softmax.plan import Unsupported
 from ..ops.softmax.reference import run_reference
 from . import backends
 
-__all__ = ["decode_attention", "KVView", "SDPA_DECODE", "DECODE_BACKENDS"]
+__all__ = ["decode_attention", "KVView", "SDPA_DECODE", "DECODE_BACKENDS", "route", "ROUTE_MAX_Q", "ROUTE_MIN_K"]
 
 #: SDPA backends ``auto`` uses for exactly-equal plain softmax decoding, in order (empty: always the kernel)
 SDPA_DECODE: Tuple[str, ...] = ("cudnn", "flash")
 DECODE_BACKENDS = ("auto", "triton", "sdpa", "reference")
 _sdpa_refused = set()
+#: :func:`route`: ``attention()`` calls with at most this many query rows and at least this many keys decode
+ROUTE_MAX_Q = 16
+ROUTE_MIN_K = 256
 
 
 @dataclass
@@ -227,6 +230,29 @@ def decode_attention(q: Tensor, k, v: Optional[Tensor] = None, *, layer_idx: Opt
     if layout == "bthd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def route(q: Tensor, k: Tensor, v: Tensor, backend: str, score_mod, normalizer, positions,
+          deterministic: Optional[bool]) -> Optional[str]:
+    """For :func:`attnkit.attention`: the backend to call :func:`decode_attention` with for this ``[B, H, L, D]`` call,
+    or None to keep attention()'s own path. Decoding takes calls with few query rows (``≤ ROUTE_MAX_Q``) over many
+    keys (``≥ ROUTE_MIN_K``) at the default placement, on CUDA (or the interpreter), that need no gradient (the
+    decode kernels have no backward). ``deterministic`` keeps to the kernel (no SDPA)."""
+    if backend not in ("auto", "triton") or positions is not None:
+        return None
+    if q.shape[2] > ROUTE_MAX_Q or k.shape[2] < ROUTE_MIN_K:
+        return None
+    if not backends._fusable(backend, q):
+        return None
+    if torch.is_grad_enabled():
+        held = [q, k, v] + [p for m in (score_mod, normalizer) if m is not None for p in m.parameters()]
+        held += [t for m in (score_mod, normalizer) if m is not None for mm in m.modules()
+                 for t in vars(mm).values() if isinstance(t, Tensor)]
+        if any(t.requires_grad for t in held):
+            return None
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return "triton" if deterministic else backend
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ F64 = torch.float64
 NAN, INF = float("nan"), float("inf")
 REFERENCE_FORMS = ["materialized", "streaming", "streaming-tiles", "recurrent"]
 FORMS = REFERENCE_FORMS + (["triton"] if KA is not None else [])
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]  # NaN in the interpreter
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 

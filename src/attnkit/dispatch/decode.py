@@ -105,12 +105,12 @@ def _as_view(q: Tensor, k, v, layer_idx, seqlens, block_table, max_seqlen) -> KV
             raise ValueError(f"max_seqlen {n} exceeds what the cache holds ({cap} keys)" if n > cap else
                              f"max_seqlen must be >= 1, got {n}")
         lens = [n] * B
-        seqlens = torch.full((B,), n, dtype=torch.int32, device=q.device)
+        seqlens = _lengths_on(tuple(lens), q.device)
         max_len = n
     else:
         if not isinstance(seqlens, Tensor):
             lens = [int(x) for x in seqlens]
-            seqlens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+            seqlens = _lengths_on(tuple(lens), q.device)
         else:
             lens = None
             if seqlens.is_floating_point() or seqlens.dim() != 1:
@@ -120,6 +120,20 @@ def _as_view(q: Tensor, k, v, layer_idx, seqlens, block_table, max_seqlen) -> KV
         if max_len > cap:
             raise ValueError(f"max_seqlen {max_len} exceeds what the cache holds ({cap} keys)")
     return KVView(k, v, seqlens, max_len, block_table, lens)
+
+
+_lengths: "dict" = {}
+
+
+def _lengths_on(lens: Tuple[int, ...], device) -> Tensor:
+    """int32 lengths on ``device`` for host lengths (a few kept: a decode loop repeats them, or they grow by one)."""
+    key = (lens, str(device))
+    t = _lengths.get(key)
+    if t is None:
+        if len(_lengths) > 32:
+            _lengths.clear()
+        t = _lengths[key] = torch.tensor(lens, dtype=torch.int32, device=device)
+    return t
 
 
 def _validate(q: Tensor, view: KVView, check: bool) -> None:

@@ -51,6 +51,15 @@ TRACE = False
 last_trace: Optional[Tensor] = None
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(x: int) -> int:
+    """The smallest power of two >= x (plain Python: the per-call path avoids Triton's JIT-wrapped helpers)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Keys per block ``BN``, warps and pipeline stages of the decode kernel, and ``pps``: programs the split count
@@ -154,8 +163,9 @@ class DecodeProblem(F.Problem):
         self._static_buffers = None if self.dynamic else self._param_buffers()
         self.support = support(mask, Lq)
         self.full = full_support(mask, Lq) if self.mp.mode != P.MODE_BITMAP else (0, 0, 0, 0)
-        self.BM = max(16, triton.next_power_of_2(min(self.G * Lq, MAX_ROWS)))
-        self.RB = triton.cdiv(self.G * Lq, self.BM)
+        self.BM = max(16, _pow2(min(self.G * Lq, MAX_ROWS)))
+        self.RB = _cdiv(self.G * Lq, self.BM)
+        self._cfg: Tuple[Optional[str], Optional[DecodeConfig]] = (None, None)
         self.cx = self.constexprs(False)
         self.cx.pop("DIFF")
         self.phases: Dict[tuple, F.Phase] = {}
@@ -166,7 +176,7 @@ class DecodeProblem(F.Problem):
         rb = self.mods.relbias
         if rb is None:
             return self.dummy_i, 0
-        bound = max(256, triton.next_power_of_2(max_len))
+        bound = max(256, _pow2(max_len))
         if self._rb_cache[0] != bound:
             lut, off = P.relbias_lut(rb, self.Lq, bound, self.device, bound - self.Lq, 0)
             self._rb_cache = (bound, lut, off)
@@ -176,7 +186,7 @@ class DecodeProblem(F.Problem):
         """``(bits, lut, bl_b, bl_h, nk128)``: the mask of each sequence's ``Lq`` query rows over its keys in the
         128×128-tile bit layout of :func:`.triton.mods.mask_tile` (rows past ``Lq`` unused)."""
         mask, dev, Lq = self.mp.mask, self.device, self.Lq
-        nk = triton.cdiv(max_len, P.TILE)
+        nk = _cdiv(max_len, P.TILE)
         B = len(lens)
         L = torch.tensor(list(lens), device=dev).view(-1, 1, 1, 1)
         b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
@@ -249,23 +259,29 @@ def candidates(pb: DecodeProblem) -> List[DecodeConfig]:
 
 def config_for(pb: DecodeProblem) -> DecodeConfig:
     """Default configuration: 16-key blocks in the interpreter; on the GPU 64 keys × 3 stages at head dims ≤ 128
-    in half precision (16-byte loads, three K/V tiles in flight), smaller blocks for float32 / wide heads."""
+    in half precision (16-byte loads, three K/V tiles in flight), smaller blocks for float32 / wide heads.
+    ``ATTNKIT_DECODE_CONFIG`` (``ATTNKIT_DECODE_CONFIG_PAGED`` for paged caches) = ``"BN,warps,stages[,pps]"``
+    overrides it (benchmark sweeps)."""
     env = os.environ.get("ATTNKIT_DECODE_CONFIG_PAGED" if pb.paged else "ATTNKIT_DECODE_CONFIG")
-    if env:  # "BN,warps,stages[,pps]" (benchmark sweeps)
-        return DecodeConfig(*(int(x) for x in env.split(",")))
-    if tuning.interpreting():
-        return DecodeConfig(16, 4, 1, 2)
-    d = max(triton.next_power_of_2(pb.D), triton.next_power_of_2(pb.Dv))
-    if pb.dtype in (torch.float32, torch.float64) or d > 128:
-        return DecodeConfig(32, 4, 2, 2)
-    return DecodeConfig(64, 4, 3, 2)
+    if pb._cfg[0] == env and pb._cfg[1] is not None:
+        return pb._cfg[1]
+    if env:
+        cfg = DecodeConfig(*(int(x) for x in env.split(",")))
+    elif tuning.interpreting():
+        cfg = DecodeConfig(16, 4, 1, 2)
+    elif pb.dtype in (torch.float32, torch.float64) or max(_pow2(pb.D), _pow2(pb.Dv)) > 128:
+        cfg = DecodeConfig(32, 4, 2, 2)
+    else:
+        cfg = DecodeConfig(64, 4, 3, 2)
+    pb._cfg = (env, cfg)
+    return cfg
 
 
 def splits_for(pb: DecodeProblem, max_len: int, cfg: DecodeConfig) -> int:
     """How many splits share each sequence's key blocks (see the module doc)."""
     S, W = pb.support
     need = min(max_len, S + W)
-    blocks = triton.cdiv(max(need, 1), cfg.BN)
+    blocks = _cdiv(max(need, 1), cfg.BN)
     base = pb.B * pb.Hkv * pb.RB
     fill = (cfg.pps * _num_sms(pb.device)) // base
     most = blocks // MIN_BLOCKS_PER_SPLIT if pb.device.type == "cuda" else blocks
@@ -298,9 +314,9 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, *, max_len: int, bl
 
 
 def _config(pb, q, k, v, seqlens, max_len, block_table, want_lse, lens) -> DecodeConfig:
-    if tuning.interpreting() or not tuning.enabled() or os.environ.get("ATTNKIT_DECODE_CONFIG" + (
-            "_PAGED" if pb.paged else "")):
-        return config_for(pb)
+    cfg = config_for(pb)
+    if not tuning.enabled() or tuning.interpreting() or pb._cfg[0]:
+        return cfg
     key = (torch.cuda.get_device_name(pb.device), pb.D, pb.Dv, pb.dtype, pb.paged, pb.page, pb.BM, pb.mp.kind,
            pb.norm.code, pb.mods.packed != 0)
     if key not in _tuned:
@@ -330,7 +346,7 @@ def _launch(pb: DecodeProblem, cfg: DecodeConfig, q, k, v, seqlens, max_len, blo
     lp = F._empty(rows * ns, dtype=pb.acc_t, device=dev) if split and pb.norm.softmax else d
     up = F._empty(rows * ns * Dv, dtype=pb.acc_t, device=dev) if split and pb.norm.gamma > 0 else d
     cnt = torch.zeros(rows, dtype=torch.float32, device=dev) if pb.need_counts else d
-    nbmax = triton.cdiv(max_len, cfg.BN)
+    nbmax = _cdiv(max_len, cfg.BN)
     if TRACE:
         global last_trace
         trc = torch.zeros(B * pb.Hkv * nbmax, dtype=torch.int32, device=dev)
@@ -365,7 +381,7 @@ def _launch(pb: DecodeProblem, cfg: DecodeConfig, q, k, v, seqlens, max_len, blo
         _phase(pb, ("count",) + variant, grid, dict(base, PHASE=1), cfg).launch(sig, head + tail)
     _phase(pb, ("main",) + variant, grid, dict(base, PHASE=0), cfg).launch(sig, head + tail)
     if split:
-        nsp = triton.next_power_of_2(ns)
+        nsp = _pow2(ns)
         cx = dict(NORM=pb.norm.code, HAS_SINK=pb.norm.has_sink, RELAXED=pb.norm.gamma > 0,
                   WANT_LSE=bool(want_lse and pb.norm.softmax), ACC=pb.acc_tl, NSP=nsp, BDV=pb.cx["BDV"])
         ph = _phase(pb, ("combine", ns, cx["WANT_LSE"]), (rows, 1, 1), cx, DecodeConfig(16, 4 if Dv > 64 else 2, 1),

@@ -200,6 +200,65 @@ def test_paged_ragged_batch_equals_each_sequence_alone():
         torch.testing.assert_close(got[i:i + 1], want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_paged_top_k_page_selection_vs_dense_reference(backend):
+    """Quest / TokenSelect-style selection: each (sequence, KV head) attends to the k pages with the largest bound
+    Σ_d max(q_d·max_d, q_d·min_d) (summed over the group), first and last pages always; equal to masked attention over
+    the whole cache with the same pages, computed here from the keys; unselected pages are never read (NaN there)."""
+    B, Hq, Hkv, D, P, k = 2, 4, 2, 8, 4, 3
+    lens = [23, 14]
+    cache = PagedKVCache(32, P, select_pages=k)
+    ids = cache.add_sequences(B)
+    ks = [torch.randn(1, Hkv, n, D, dtype=F64) for n in lens]
+    vs = [torch.randn(1, Hkv, n, D, dtype=F64) for n in lens]
+    for s, kk, vv in zip(ids, ks, vs):
+        with cache.batch([s]):
+            cache.append(0, kk[:, :, :-1], vv[:, :, :-1])
+    q = torch.randn(B, Hq, 1, D, dtype=F64)
+    with cache.batch(ids):
+        cache.append(0, torch.cat([kk[:, :, -1:] for kk in ks]), torch.cat([vv[:, :, -1:] for vv in vs]))
+        view = cache.kv_view(0, q)
+        chosen = []
+        for b, n in enumerate(lens):  # the reference selection, from the keys themselves
+            npg = -(-n // P)
+            kp = torch.stack([ks[b][0, :, i * P:min(n, (i + 1) * P)].amax(1) for i in range(npg)], 1)  # [Hkv, npg, D]
+            kn = torch.stack([ks[b][0, :, i * P:min(n, (i + 1) * P)].amin(1) for i in range(npg)], 1)
+            qg = q[b, :, 0].view(Hkv, Hq // Hkv, D)
+            score = (torch.maximum(qg[:, :, None] * kp[:, None], qg[:, :, None] * kn[:, None])).sum((1, 3))
+            score[:, 0] = score[:, -1] = math.inf
+            chosen.append([sorted(score[h].topk(min(k, npg)).indices.tolist()) for h in range(Hkv)])
+        pool_pages = {p for s in ids for p in cache.block_table(s)}
+        for b, s in enumerate(ids):
+            for h in range(Hkv):
+                for i, page in enumerate(cache.block_table(s)):
+                    if i not in chosen[b][h]:  # an unselected page: NaN for this head (a read would show)
+                        view.k[page, h] = float("nan")
+                        view.v[page, h] = float("nan")
+        out = decode_attention(q, view, mask=M.causal, backend=backend)
+    assert pool_pages and torch.isfinite(out).all()
+    for b, n in enumerate(lens):
+        m = torch.zeros(1, Hq, 1, n, dtype=torch.bool)
+        for hq in range(Hq):
+            for i in chosen[b][hq // (Hq // Hkv)]:
+                m[0, hq, 0, i * P:min(n, (i + 1) * P)] = True
+        want, _, _ = ref_attention(q[b:b + 1], ks[b], vs[b], m)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=1e-10, atol=1e-12)
+
+
+def test_paged_selection_in_a_layer():
+    """A layer over a selecting paged cache: with k at least every page it equals the full forward; with fewer pages
+    it attends to fewer keys (a different, finite result)."""
+    layer = _layer(rope=True, backend="reference")
+    x = torch.randn(2, 30, 16, dtype=F64)
+    full = layer(x)
+    all_pages = _decode_all(layer, x, PagedKVCache(32, 4, select_pages=8), 24)
+    torch.testing.assert_close(all_pages, full, rtol=1e-10, atol=1e-12)
+    few = _decode_all(layer, x, PagedKVCache(32, 4, select_pages=3), 24)
+    assert torch.isfinite(few).all() and not torch.allclose(few[:, 24:], full[:, 24:])
+    with pytest.raises(ValueError, match="select_pages"):
+        PagedKVCache(8, 4, select_pages=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # recurrent states
 # ------------------------------------------------------------------------------------------------

@@ -22,10 +22,19 @@ Memory (per layer; ``s`` bytes per element):
 
 Running out of pages, and block tables that point outside the pool, at pages another sequence owns, or at too
 few pages, raise ValueError naming the numbers.
+
+Top-k page selection (Quest, Tang et al. 2024; TokenSelect-style dynamic selection): with ``select_pages=k`` the
+cache also keeps each page's per-channel key maximum and minimum (``2 · Hkv · D`` fp32 values per page and layer)
+and :meth:`kv_view` given the step's queries returns, per sequence and KV head, only the ``k`` pages with the largest
+upper bound on their attention scores, ``Σ_d max(q_d · max_d, q_d · min_d)`` summed over the group's query heads
+and tokens, always including the first ``first_pages`` and the last ``last_pages`` pages (per-head block tables: the
+decode kernel reads those pages only). Nothing is evicted: every page stays for later steps. Inside the selection
+masks and score mods see the selected keys' slots (as with H2O), so use plain causal masks with it.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,8 +57,14 @@ class PagedKVCache(SequenceKVCache):
     """
 
     def __init__(self, num_pages: int, page_size: int = 16, *, max_seqs: int = 256,
-                 max_pages_per_seq: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None):
+                 max_pages_per_seq: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None,
+                 select_pages: Optional[int] = None, first_pages: int = 1, last_pages: int = 1):
         super().__init__()
+        if select_pages is not None and (select_pages < first_pages + last_pages or first_pages < 0 or last_pages < 1):
+            raise ValueError(f"select_pages ({select_pages}) must cover first_pages ({first_pages}) + last_pages "
+                             f"({last_pages} >= 1)")
+        self.select_pages, self.first_pages, self.last_pages = select_pages, first_pages, last_pages
+        self._summary: Dict[int, Tuple[Tensor, Tensor]] = {}  # layer -> (key max, key min) [num_pages, Hkv, D]
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("max_seqs", max_seqs)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -237,15 +252,69 @@ class PagedKVCache(SequenceKVCache):
         pages, slots = self._device(("dst", tuple(rows), tuple(start), T, self._version), kp.device,
                                     lambda: torch.tensor([[self._pages[s][(n + t) // P], (n + t) % P]
                                                           for s, n in zip(rows, start) for t in range(T)]).t())
-        kp[pages, :, slots] = k.transpose(1, 2).reshape(B * T, Hkv, -1).to(kp.dtype)
+        kk = k.transpose(1, 2).reshape(B * T, Hkv, -1).to(kp.dtype)
+        kp[pages, :, slots] = kk
         vp[pages, :, slots] = v.transpose(1, 2).reshape(B * T, Hkv, -1).to(vp.dtype)
+        if self.select_pages is not None:
+            self._summarize(layer_idx, pages, slots, kk)
         for s in rows:
             lens[s] += T
 
-    def kv_view(self, layer_idx: int) -> KVView:
+    def _summarize(self, layer_idx: int, pages: Tensor, slots: Tensor, k: Tensor) -> None:
+        """Fold the keys just written into their pages' per-channel max / min (a page's first slot resets them)."""
+        kp = self._pools[layer_idx][0]
+        if layer_idx not in self._summary:
+            shape = (self.num_pages, kp.shape[1], kp.shape[3])
+            self._summary[layer_idx] = (torch.full(shape, -math.inf, device=kp.device),
+                                        torch.full(shape, math.inf, device=kp.device))
+        kmax, kmin = self._summary[layer_idx]
+        fresh = pages[slots == 0]
+        kmax[fresh], kmin[fresh] = -math.inf, math.inf
+        kf = k.float()
+        at = pages[:, None, None].expand_as(kf)
+        kmax.scatter_reduce_(0, at, kf, "amax")
+        kmin.scatter_reduce_(0, at, kf, "amin")
+
+    def kv_view(self, layer_idx: int, q: Optional[Tensor] = None) -> KVView:
+        """Everything cached for layer ``layer_idx``; with ``select_pages`` and the step's queries ``q [B, Hq, Lq, D]``,
+        only the selected pages of each sequence and KV head (see the module doc)."""
         kp, vp = self._pools[_check_index(layer_idx)]
         lens = self.lengths(layer_idx)
+        if self.select_pages is not None and q is not None:
+            return self._selected(layer_idx, q, lens)
         return KVView(kp, vp, self.seqlens(layer_idx, kp.device), max(lens), self._rows_table(kp.device), lens)
+
+    def page_scores(self, layer_idx: int, q: Tensor) -> Tensor:
+        """Quest's bound per (row, KV head, page of the row's table): ``Σ_rows Σ_d max(q_d·max_d, q_d·min_d)`` over the
+        group's query heads and tokens, ``[B, Hkv, pages]`` (−inf past each sequence's pages)."""
+        kmax, kmin = self._summary[layer_idx]
+        table = self._rows_table(kmax.device).long()  # [B, n]
+        B, Hq, Lq, D = q.shape
+        Hkv = kmax.shape[1]
+        qg = q.float().reshape(B, Hkv, Hq // Hkv * Lq, D)
+        mx = kmax[table].permute(0, 2, 1, 3)  # [B, Hkv, n, D]
+        mn = kmin[table].permute(0, 2, 1, 3)
+        s = (qg.clamp(min=0) @ mx.transpose(-1, -2) + qg.clamp(max=0) @ mn.transpose(-1, -2)).sum(2)
+        npg = torch.tensor([-(-n // self.page_size) for n in self.lengths(layer_idx)], device=s.device)
+        return s.masked_fill(torch.arange(s.shape[-1], device=s.device) >= npg[:, None, None], -math.inf)
+
+    def _selected(self, layer_idx: int, q: Tensor, lens: List[int]) -> KVView:
+        kp, vp = self._pools[layer_idx]
+        P, k = self.page_size, self.select_pages
+        s = self.page_scores(layer_idx, q)
+        B, Hkv, n = s.shape
+        npg = [-(-x // P) for x in lens]
+        idx = torch.arange(n, device=s.device)
+        npg_t = torch.tensor(npg, device=s.device)[:, None, None]
+        forced = (idx < self.first_pages) | ((idx >= npg_t - self.last_pages) & (idx < npg_t))
+        s = torch.where(forced, torch.full_like(s, math.inf), s)
+        k_eff = min(k, n)
+        chosen = s.topk(k_eff, dim=-1).indices.sort(-1).values  # ascending: the last page stays last
+        table = self._rows_table(kp.device).long()
+        per_head = table[:, None, :].expand(B, Hkv, n).gather(-1, chosen).to(torch.int32).contiguous()
+        sel = [x if m <= k_eff else (k_eff - 1) * P + (x - (m - 1) * P) for x, m in zip(lens, npg)]
+        return KVView(kp, vp, self._device(("sel", tuple(sel)), kp.device, lambda: torch.tensor(sel, dtype=torch.int32)),
+                      max(sel), per_head, sel)
 
     def read(self, layer_idx: int) -> Tuple[Tensor, Tensor]:
         """Copies of the cached keys and values ``[B, Hkv, n, ·]`` (gathered from the pages; for layers that need

@@ -185,8 +185,9 @@ class Attention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         empty = not any(cache.lengths(self.layer_idx))
         cache.append(self.layer_idx, k, v)
-        if T <= DECODE_MAX_Q:
-            return self._decode(q, cache, mask)
+        if T <= DECODE_MAX_Q:  # (a paged cache that selects pages picks them with these queries)
+            view = cache.kv_view(self.layer_idx, q) if getattr(cache, "select_pages", None) else cache
+            return self._decode(q, view, mask)
         if not empty:  # a long chunk after cached tokens: read them back (one length for every sequence)
             k, v = cache.read(self.layer_idx)
         return self.attend(q, k, v, mask)

@@ -3,7 +3,8 @@
 * the interface the layers call (:class:`KVCache`, :class:`StateCache`) and a growing implementation
   (:class:`DynamicCache`) — :mod:`attnkit.cache.base`;
 * :class:`ContiguousKVCache` (preallocated per layer) and :class:`PagedKVCache` (pages + block tables, many
-  sequences of different lengths) — the attention layers read them in place through the decode kernels;
+  sequences of different lengths; optional Quest / TokenSelect-style top-k page selection per step) — the attention
+  layers read them in place through the decode kernels;
 * :class:`RecurrentStateCache`: fixed-memory states of linear / recurrent layers; :class:`ModelCache` pairs a KV
   cache with it for hybrid models;
 * :class:`PolicyCache` with :func:`StreamingLLM`, :func:`H2O`, :class:`SnapKV` and composable pieces: bounded memory

@@ -92,6 +92,60 @@ def test_empty_dims():
         attn(q[:, :, :0], k, v)
 
 
+@pytest.mark.parametrize("form", ["materialized", "streaming", "recurrent"])
+def test_batch_size_zero(form):
+    """Issue 10, defect 7: batch size 0 gave a reshape error."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="B >= 1"):
+        attnkit.attention(q[:0], k[:0], v[:0], mask="causal", form=form)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 10, defect 7: values and shapes that were accepted and gave NaN, an IndexError or a silent detach
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build,exc,match", [
+    (lambda: S.softcap(float("inf")), ValueError, "positive number"),
+    (lambda: S.softcap(float("nan")), ValueError, "positive number"),
+    (lambda: S.alibi(torch.tensor([0.5, float("nan")])), ValueError, "alibi slopes must be finite"),
+    (lambda: S.ssmax(float("nan")), ValueError, "ssmax s must be finite"),
+    (lambda: S.ssmax(torch.tensor([1.0, float("inf")])), ValueError, "ssmax s must be finite"),
+    (lambda: S.temperature(float("nan")), ValueError, "temperature must be finite"),
+    (lambda: S.temperature(torch.tensor([1.0, float("inf")])), ValueError, "temperature must be finite"),
+    (lambda: N.sigmoid(torch.zeros(2, 3)), ValueError, r"per-head 1-D floating tensor \[H\]"),
+    (lambda: N.sigmoid(float("nan")), ValueError, "sigmoid bias must be finite"),
+    (lambda: N.sigmoid("x"), TypeError, "sigmoid bias must be a float"),
+    (lambda: N.relaxed(torch.tensor(0.1, requires_grad=True)), TypeError, "learnable gamma"),
+    (lambda: N.relaxed(torch.tensor([0.1, 0.2])), ValueError, "one number"),
+])
+def test_bad_values_refused(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_relaxed_gamma_tensor_without_grad_is_a_number():
+    q, k, v = qkv()
+    a = attnkit.attention(q, k, v, normalizer=N.relaxed(torch.tensor(0.25)))
+    b = attnkit.attention(q, k, v, normalizer=N.relaxed(0.25))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("form", ["materialized", "streaming", "recurrent"])
+def test_predicate_of_the_wrong_shape(form):
+    q, k, v = qkv()
+    bad = M.predicate(lambda b, h, q, kv: (kv <= q)[..., :1, :].expand(3, 1, 1, -1), name="wrong")
+    with pytest.raises(ValueError, match="broadcastable to the index grid"):
+        attnkit.attention(q, k, v, mask=bad, form=form)
+
+
+@pytest.mark.parametrize("form", ["materialized", "streaming", "recurrent"])
+def test_pointwise_returning_integers(form):
+    q, k, v = qkv()
+    mod = S.pointwise(lambda s, b, h, qi, kv: (s > 0).long(), name="ints")
+    with pytest.raises(TypeError, match="must return a floating tensor"):
+        attnkit.attention(q, k, v, mask="causal", score_mod=mod, form=form)
+
+
 # ------------------------------------------------------------------------------------------------
 # Masks
 # ------------------------------------------------------------------------------------------------

@@ -256,6 +256,23 @@ def test_single_token(name, fn):
     check(name, getattr(LT, fn), make_case(name, B=2, Hk=1, Hv=1, T=1, D=4, Dv=3), what=f"{name} T=1")
 
 
+@pytest.mark.parametrize("name", ["gla", "gated_delta", "scalar_gate", "delta"])
+@pytest.mark.parametrize("fn", ["chunk", "recurrent"])
+def test_expanded_cotangents(name, fn):
+    """``loss = o.sum() + S.sum()``: autograd hands the backward stride-0 (expanded) gradients of the output and of the
+    final state; the kernels read them densely and gave garbage dk/dv/dgate (found wiring the dispatcher)."""
+    case = make_case(name, B=1, Hk=1, Hv=1, T=20, D=16, Dv=16, initial_state=False)
+    ref_in = leaves({key: (t.clone() if t is not None else None) for key, t in case.items()})
+    o_ref, S_ref = run_ref(name, ref_in)
+    inp = leaves(case)
+    o, S = run_kernel(LT.chunk if fn == "chunk" else LT.fused_recurrent, name, inp)
+    keys = [key for key, t in inp.items() if t is not None and t.requires_grad]
+    got = torch.autograd.grad(o.sum() + S.sum(), [inp[key] for key in keys])
+    want = torch.autograd.grad(o_ref.sum() + S_ref.sum(), [ref_in[key] for key in keys])
+    for key, a, b in zip(keys, got, want):
+        assert rel(a, b) <= 1e-10, f"d{key}: {rel(a, b):.2e}"
+
+
 @pytest.mark.parametrize("name", ["gla", "kda"])
 def test_chunk_noncontiguous(name):
     """The same values with [B, T, H, D] storage (a transposed view, as layout='bthd' gives) and a non-contiguous

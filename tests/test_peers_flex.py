@@ -179,7 +179,7 @@ def test_held_tensors_move_once():
     """Per-batch prefix lengths and document ids: one copy per device, reused by every call."""
     m = M.prefix_lm(torch.tensor([3, 1])) & M.document(torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]]))
     leaves = [leaf for leaf in m.leaves()]
-    assert all(leaf._held.cpu.device.type == "cpu" for leaf in leaves)
+    assert all(leaf._held.get().device.type == "cpu" for leaf in leaves)
     dev = torch.device("cpu")
     m.on_device(dev)
     first = [leaf._held.on(dev) for leaf in leaves]

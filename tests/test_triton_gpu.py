@@ -340,8 +340,11 @@ def _diff_grads(out, ro, o2, xs, rs, names, low):
     grads_close(names, ga, gb, gc, tol, skip=("dlam",))
     if "dlam" in names:
         a, b = ga[names.index("dlam")], gb[names.index("dlam")]
-        err = float((a.detach().to(F64) - b).norm() / (g.norm() * o2.norm()))
-        assert err <= 2 * tol, f"dlam rel err {err:.2e} > {2 * tol}"
+        diff, scale = float((a.detach().to(F64) - b).norm()), float(g.norm() * o2.norm())
+        if scale == 0:  # no row sees a key (an all-empty mask): O2 = 0, so dλ = 0 exactly, and the kernel's zeros too
+            assert diff == 0, f"dlam should be exactly 0 where no row sees a key, got |dlam - ref| = {diff:.2e}"
+        else:
+            assert diff / scale <= 2 * tol, f"dlam rel err {diff / scale:.2e} > {2 * tol}"
 
 
 def check_differential(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, *, lam="per-head", lam_dtype=torch.float32, grad=True,
@@ -437,6 +440,12 @@ def test_differential_random_composition(i):
     D, Dv = random.choice([64, 128]), random.choice([64, 128])
     check_differential(1, H, random.choice([1, 2, 4]), L, L, D, Dv, dtype, lam=random.choice(["float", "per-head"]),
                        mask=m, score_mod=mods or None)
+
+
+def test_differential_all_empty_mask():
+    """No row sees a key (issue 10, defect 8: the dλ check divided 0 by 0): zeros out, zero gradients, dλ = 0."""
+    check_differential(1, 4, 2, 300, 300, 64, 64, torch.bfloat16, lam="per-head",
+                       mask=M.sinks(3) & (~M.prefix_lm(29) & M.sliding_window(124, 29)))
 
 
 def test_differential_strided_bthd_views():

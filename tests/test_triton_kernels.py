@@ -364,6 +364,54 @@ def test_positions_are_validated():
         attnkit.attention(q, k, v, mask=doc, q_offset=5, kv_offset=0)  # query positions 5..8 > 7
 
 
+def _in_place_cases(B, L, H):
+    """(name, mask, score_mod, normalizer, update): tensors a cached kernel plan was built from, then changed in
+    place — the kernels must follow exactly as the reference forms do."""
+    ids = torch.tensor([sorted(random.randint(0, 3) for _ in range(L)) for _ in range(B)])
+    pl = torch.tensor([random.randint(0, L // 2) for _ in range(B)], dtype=torch.int32)
+    cu = torch.tensor([0, L // 3, L // 2, L])
+    table = torch.randn(8, H, dtype=F64)
+    big = torch.randn(8, 40, dtype=F64)  # > 256 entries: keyed by identity and version, not by value
+    slopes = torch.rand(H, dtype=F64)
+    bias = torch.randn(H, dtype=F64)
+    rb_big = S.relative_bias(40, num_buckets=8, max_distance=12, table=big)
+    return [
+        ("doc_ids", M.document(ids), None, None,
+         lambda: ids.copy_(torch.tensor([sorted(random.randint(0, 3) for _ in range(L)) for _ in range(B)]))),
+        ("prefix_int32", M.prefix_lm(pl) | M.causal & M.sliding_window(3), None, None,
+         lambda: pl.copy_(torch.tensor([random.randint(L // 2, L) for _ in range(B)], dtype=torch.int32))),
+        ("cu_seqlens", M.document(cu_seqlens=cu) & M.causal, None, None,
+         lambda: cu.copy_(torch.tensor([0, 2, L - 3, L]))),
+        ("relbias_copy", M.causal, S.relative_bias(H, num_buckets=8, max_distance=12, table=table), None,
+         lambda: table.copy_(torch.randn(8, H, dtype=F64))),
+        ("relbias_big_state_dict", M.full, rb_big, None,
+         lambda: rb_big.load_state_dict({"table": torch.randn(8, 40, dtype=F64)}, strict=False)
+         if isinstance(rb_big.table, torch.nn.Parameter) else rb_big.table.copy_(torch.randn(8, 40, dtype=F64))),
+        ("alibi_slopes", M.causal, S.alibi(slopes), None, lambda: slopes.mul_(3.0)),
+        ("sigmoid_bias", M.causal, None, N.sigmoid(bias), lambda: bias.add_(1.0)),
+    ]
+
+
+@pytest.mark.parametrize("case", ["doc_ids", "prefix_int32", "cu_seqlens", "relbias_copy", "relbias_big_state_dict",
+                                  "alibi_slopes", "sigmoid_bias"])
+def test_in_place_updates_reach_the_kernels(case):
+    """Issue 10, defect 3: a cached plan must not keep stale copies of document ids, prefix lengths, cu_seqlens, a
+    frozen relative-bias table (copy_ / load_state_dict), slopes or a sigmoid bias updated in place."""
+    B, L = 2, random.randint(18, 30)
+    H = 40 if case == "relbias_big_state_dict" else 2
+    name, mask, mod, norm, update = next(c for c in _in_place_cases(B, L, H) if c[0] == case)
+    kw = dict(mask=mask, score_mod=mod, normalizer=norm if norm is not None else "softmax")
+    # float32 inputs: the kernels' parameter buffers are then copies (float32) of the float64 tensors, as on a GPU
+    q, k, v = (t.detach().float() for t in _qkv(B, H, 1, L, L, 16, 16))
+    first = attnkit.attention(q, k, v, backend="triton", **kw)  # builds and caches the plan
+    torch.testing.assert_close(first, attnkit.attention(q, k, v, backend="reference", **kw), atol=2e-5, rtol=2e-5)
+    update()
+    out = attnkit.attention(q, k, v, backend="triton", **kw)
+    ref = attnkit.attention(q, k, v, backend="reference", **kw)
+    assert not torch.allclose(ref, first, atol=1e-3), "the update did not change the function (test is vacuous)"
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_gradient_through_lse_only():
     q, k, v = _qkv(1, 2, 1, 21, 30, 16, 16)
     grads = []

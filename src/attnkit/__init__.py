@@ -12,8 +12,8 @@ import sys as _sys
 
 from .core import masks, normalizers, scores
 from .core.record import last_backend, record
-from .dispatch import attention, differential_attention, varlen_attention
-from .ops.linear import AarenState, LogLinearState, linear_attention, linear_step
+from .dispatch import attention, differential_attention, linear_attention, linear_step, varlen_attention
+from .ops.linear import AarenState, LogLinearState
 from .ops.multitoken import multi_token_attention
 from .ops.simplicial import simplicial_attention
 from .catalog import Spec, Variant, get_variant, variants

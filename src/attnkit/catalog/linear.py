@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..ops.linear.common import levels_needed
 from ..ops.linear.feature_maps import as_feature_map
-from ..ops.linear.functional import RULES, linear_attention, retention_log_decay
+from ..dispatch.linear import KERNEL_RULES, linear_attention
+from ..ops.linear.functional import RULES, retention_log_decay
 from ..ops.utils.tiles import reference_tiles
 from .registry import Spec, Variant, register
 
@@ -173,7 +174,8 @@ def linear_variant(name: str, rule: str, summary: str, paper: str, *, base: Opti
                 time=time_c, memory=memory, cache=cache, state_bytes=None if per_token else state_bytes, flops=flops,
                 unsupported=unsupported, reference_form=reference_form,
                 cache_bytes_per_token=(lambda s: s.Hkv * (s.D + s.Dv) * torch.finfo(s.dtype).bits / 8)
-                if per_token else None, tags=("linear", rule))
+                if per_token else None, tags=("linear", rule),
+                backends=("reference", "triton") if rule in KERNEL_RULES else ("reference",))
     v.rule, v.bound = rule, dict(bound)
     return register(v)
 

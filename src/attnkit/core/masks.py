@@ -23,13 +23,13 @@ interval bounds, and only blocks the bounds cannot decide are evaluated element 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Mask", "BlockMap", "EMPTY", "PARTIAL", "FULL",
+    "Mask", "BlockMap", "EMPTY", "PARTIAL", "FULL", "LEAF_CODES",
     "full", "causal", "sliding_window", "chunked", "prefix_lm", "document", "sinks", "dilated",
     "predicate", "as_mask",
 ]
@@ -129,13 +129,44 @@ class BlockMap:
         return count, index, full
 
 
+#: ``{kind: kernel code}`` of every leaf with an in-kernel twin, filled by the classes themselves (the fused kernels
+#: import their constants from here: one table, no copy kept in sync by eye)
+LEAF_CODES: Dict[str, int] = {}
+
+
 class Mask:
-    """Base class. Subclasses implement :meth:`__call__` and, where they can, :meth:`bounds`."""
+    """Base class. Subclasses implement :meth:`__call__` and, where they can, :meth:`bounds`.
+
+    A leaf with an in-kernel twin (``attnkit.ops.softmax.triton.mods.mask_leaf``) sets ``kernel_code`` and returns
+    its parameters from :meth:`kernel_params`; every other mask runs in the fused kernels through per-tile bitmaps.
+    """
 
     #: True when :meth:`bounds` classifies every block exactly (no element refinement needed).
     exact_bounds: bool = False
-    #: Short name of the leaf kind for kernels ("causal", "sliding_window", ...); None for composites.
+    #: Short name of the leaf kind ("causal", "sliding_window", ...); None for composites.
     kind: Optional[str] = None
+    #: code of the leaf's in-kernel twin; 0: none
+    kernel_code: int = 0
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kernel_code"):
+            LEAF_CODES[cls.kind] = cls.kernel_code
+
+    def kernel_params(self) -> Tuple[Tuple[int, ...], Optional[Tensor]]:
+        """Up to 3 int parameters of the in-kernel twin and an optional int64 CPU tensor it indexes (prefix
+        lengths, document ids; the plan stores its offset first)."""
+        return (), None
+
+    def key(self) -> Optional[Hashable]:
+        """Equal for masks that compute the same function, from their parameters' current values; None when the
+        mask is known only by identity (a predicate, a large tensor it holds: see :meth:`version`)."""
+        return None
+
+    def version(self) -> Tuple:
+        """Storage pointers and version counters of the tensors the leaves hold: an in-place update of one of them
+        changes this, so caches keyed on the mask object are rebuilt (and every form reads the new values)."""
+        return tuple(h.version() for leaf in self.leaves() for h in vars(leaf).values() if isinstance(h, _Held))
 
     def __call__(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         raise NotImplementedError
@@ -157,8 +188,8 @@ class Mask:
         yield self
 
     def on_device(self, device) -> "Mask":
-        """Copy the tensors the leaves hold (prefix lengths, document ids) to ``device`` now, once, so
-        calls there index them without a transfer (and a compiled caller sees no copy). Returns self."""
+        """Copy the tensors the leaves hold (prefix lengths, document ids) to ``device`` now, so calls there
+        index them without a transfer (and a compiled caller sees no copy). Returns self."""
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         for leaf in self.leaves():
             for held in vars(leaf).values():
@@ -228,17 +259,39 @@ def as_mask(m: MaskLike) -> Mask:
 # ---------------------------------------------------------------------------------------------
 
 class _Held:
-    """An integer tensor a mask holds: kept on the CPU (validation, block maps and kernel plans read it
-    there) plus one copy on the device it was last used on, so calls index it without a transfer."""
+    """An integer tensor a mask holds, kept as the caller gave it, so an in-place update of it is seen by every form
+    and kernel alike. :meth:`get` returns it (or what ``derive`` makes of it) as int64 on the CPU — validation, block
+    maps and kernel plans read that — and :meth:`on` a copy on a device; both are rebuilt when the tensor's storage
+    or version counter changes (``check`` validates the new values then)."""
 
-    def __init__(self, t: Tensor):
-        self.cpu = t
-        self._dev = t
+    def __init__(self, t: Tensor, check=None, derive=None):
+        self.src = t
+        self._check, self._derive = check, derive
+        self._ver, self._cpu, self._dev = None, None, {}
+        self.get()
+
+    def version(self) -> Tuple[int, int]:
+        return self.src.data_ptr(), self.src._version
+
+    def get(self) -> Tensor:
+        v = self.version()
+        if v != self._ver:
+            cpu = self.src.detach().to(device="cpu", dtype=torch.long)
+            if self._check is not None:
+                self._check(cpu)
+            self._cpu = self._derive(cpu) if self._derive is not None else cpu
+            self._dev, self._ver = {}, v
+        return self._cpu
 
     def on(self, device) -> Tensor:
-        t = self._dev
-        if t.device != device:
-            t = self._dev = self.cpu.to(device)
+        if torch.compiler.is_compiling():  # a compiled caller (the Flex peer) reads the copy made by on_device()
+            return self._dev.get(device, self._cpu)
+        cpu = self.get()
+        if device.type == "cpu":
+            return cpu
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = cpu.to(device)
         return t
 
 
@@ -249,6 +302,10 @@ def _ones_like_grid(qlo, klo):
 class _Full(Mask):
     exact_bounds = True
     kind = "full"
+    kernel_code = 1
+
+    def key(self):
+        return "full"
 
     def __call__(self, b, h, q, kv):
         return torch.ones_like(kv, dtype=torch.bool)
@@ -266,6 +323,10 @@ class _Causal(Mask):
 
     exact_bounds = True
     kind = "causal"
+    kernel_code = 2
+
+    def key(self):
+        return "causal"
 
     def __call__(self, b, h, q, kv):
         return kv <= q
@@ -295,10 +356,17 @@ class SlidingWindow(Mask):
 
     exact_bounds = True
     kind = "sliding_window"
+    kernel_code = 3
 
     def __init__(self, left: int, right: int = 0):
         self.left = _check_int("sliding_window left", left, 0)
         self.right = _check_int("sliding_window right", right, 0)
+
+    def kernel_params(self):
+        return (self.left, self.right), None
+
+    def key(self):
+        return ("sliding_window", self.left, self.right)
 
     def __call__(self, b, h, q, kv):
         d = kv - q
@@ -322,9 +390,16 @@ class Chunked(Mask):
 
     exact_bounds = True
     kind = "chunked"
+    kernel_code = 4
 
     def __init__(self, block: int):
         self.block = _check_int("chunked block", block, 1)
+
+    def kernel_params(self):
+        return (self.block,), None
+
+    def key(self):
+        return ("chunked", self.block)
 
     def __call__(self, b, h, q, kv):
         return torch.div(kv, self.block, rounding_mode="floor") <= torch.div(q, self.block, rounding_mode="floor")
@@ -343,11 +418,15 @@ def chunked(block: int) -> Mask:
     return Chunked(block)
 
 
-def _per_batch(name: str, value, dtype=torch.long) -> Tensor:
-    t = torch.as_tensor(value)
+def _check_integers(name: str, t: Tensor) -> None:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
-    return t.to(dtype)
+
+
+def _small_values(held: "_Held") -> Optional[Tuple[int, ...]]:
+    """The values of a small CPU tensor a mask holds (a cache key that follows in-place updates), else None."""
+    return tuple(held.get().reshape(-1).tolist()) if held.src.device.type == "cpu" and held.src.numel() <= 256 \
+        else None
 
 
 class PrefixLM(Mask):
@@ -355,23 +434,39 @@ class PrefixLM(Mask):
 
     exact_bounds = True
     kind = "prefix_lm"
+    kernel_code = 5
 
     def __init__(self, prefix_len: Union[int, Sequence[int], Tensor]):
         if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
             _check_int("prefix_len", prefix_len, 0)
-        p = _per_batch("prefix_len", prefix_len)
-        if p.dim() > 1:
-            raise ValueError(f"prefix_len must be an int or a 1-D per-batch tensor, got shape {tuple(p.shape)}")
-        p = p.cpu()  # small; moved to the device once (see _Held)
-        if (p < 0).any():
-            raise ValueError(f"prefix_len must be >= 0, got {p.tolist()}")
-        self.prefix_len = p
-        self._held = _Held(p.reshape(()) if p.numel() == 1 else p)  # 0-d (any batch) or [B]
+        p = prefix_len if isinstance(prefix_len, Tensor) else torch.as_tensor(prefix_len)
+        _check_integers("prefix_len", p)
+
+        def check(p):
+            if p.dim() > 1:
+                raise ValueError(f"prefix_len must be an int or a 1-D per-batch tensor, got shape {tuple(p.shape)}")
+            if (p < 0).any():
+                raise ValueError(f"prefix_len must be >= 0, got {p.tolist()}")
+
+        self._held = _Held(p, check, lambda p: p.reshape(()) if p.numel() == 1 else p)  # 0-d (any batch) or [B]
+
+    @property
+    def prefix_len(self) -> Tensor:
+        """The prefix length(s), int64 on the CPU: 0-d, or ``[B]``."""
+        return self._held.get()
 
     def _p(self, b, device):
         """Prefix length of batch ``b`` (broadcastable like ``b``; 0-d when it is one for all)."""
         p = self._held.on(device)
         return p if p.dim() == 0 else p[b]
+
+    def kernel_params(self):
+        pl = self.prefix_len.reshape(-1)
+        return (1 if pl.numel() > 1 else 0,), pl
+
+    def key(self):
+        vals = _small_values(self._held)
+        return None if vals is None else ("prefix_lm", vals)
 
     def validate(self, g):
         p = self.prefix_len
@@ -402,9 +497,16 @@ class Sinks(Mask):
 
     exact_bounds = True
     kind = "sinks"
+    kernel_code = 6
 
     def __init__(self, n: int):
         self.n = _check_int("sinks n", n, 0)
+
+    def kernel_params(self):
+        return (self.n,), None
+
+    def key(self):
+        return ("sinks", self.n)
 
     def __call__(self, b, h, q, kv):
         return kv < self.n
@@ -426,9 +528,16 @@ class Dilated(Mask):
 
     exact_bounds = True
     kind = "dilated"
+    kernel_code = 7
 
     def __init__(self, rate: int):
         self.rate = _check_int("dilated rate", rate, 1)
+
+    def kernel_params(self):
+        return (self.rate,), None
+
+    def key(self):
+        return ("dilated", self.rate)
 
     def __call__(self, b, h, q, kv):
         return torch.remainder(q - kv, self.rate) == 0
@@ -461,28 +570,37 @@ class Document(Mask):
     """
 
     kind = "document"
+    kernel_code = 8
 
     def __init__(self, doc_ids: Optional[Tensor] = None, *, cu_seqlens: Optional[Tensor] = None):
         if (doc_ids is None) == (cu_seqlens is None):
             raise ValueError("document() takes exactly one of doc_ids or cu_seqlens")
-        if cu_seqlens is not None:
-            cu = _per_batch("cu_seqlens", cu_seqlens).cpu()  # small; ids move to the device on use
-            if cu.dim() != 1 or cu.numel() < 2:
-                raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu.shape)}")
-            if int(cu[0]) != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-            if bool((cu[1:] < cu[:-1]).any()):
-                raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-            self.cu_seqlens = cu
-            lengths = cu[1:] - cu[:-1]
-            ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        given = cu_seqlens if cu_seqlens is not None else doc_ids
+        t = given if isinstance(given, Tensor) else torch.as_tensor(given)
+        _check_integers("cu_seqlens" if cu_seqlens is not None else "doc_ids", t)
+        self._from_cu = cu_seqlens is not None
+        if self._from_cu:
+            self._held = _Held(t, _check_cu, _ids_from_cu)
         else:
-            ids = _per_batch("doc_ids", doc_ids).cpu()
-            self.cu_seqlens = None
-            if ids.dim() not in (1, 2):
-                raise ValueError(f"doc_ids must be [Lk] or [B, Lk], got shape {tuple(ids.shape)}")
-        self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # [B' , Lk]
-        self._held = _Held(self.ids)
+            self._held = _Held(t, _check_ids, lambda ids: ids if ids.dim() == 2 else ids.unsqueeze(0))
+
+    @property
+    def ids(self) -> Tensor:
+        """Document index of every position, ``[B', L]`` int64 on the CPU (``B'`` = 1 when shared by the batch)."""
+        return self._held.get()
+
+    @property
+    def cu_seqlens(self) -> Optional[Tensor]:
+        """The ``cu_seqlens`` the mask was built from (int64, CPU), or None when built from ``doc_ids``."""
+        return self._held.src.detach().to(device="cpu", dtype=torch.long) if self._from_cu else None
+
+    def kernel_params(self):
+        ids = self.ids
+        return (ids.shape[1] if ids.shape[0] > 1 else 0, ids.shape[1]), ids.reshape(-1)
+
+    def key(self):
+        vals = _small_values(self._held) if self._from_cu else None
+        return None if vals is None else ("document", vals)
 
     def validate(self, g):
         Bp, L = self.ids.shape
@@ -533,6 +651,25 @@ class Document(Mask):
         return f"document(doc_ids[{', '.join(map(str, self.ids.shape))}])"
 
 
+def _check_cu(cu: Tensor) -> None:
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu.shape)}")
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+
+
+def _ids_from_cu(cu: Tensor) -> Tensor:
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths).unsqueeze(0)  # [1, L]
+
+
+def _check_ids(ids: Tensor) -> None:
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"doc_ids must be [Lk] or [B, Lk], got shape {tuple(ids.shape)}")
+
+
 def document(doc_ids: Optional[Tensor] = None, *, cu_seqlens: Optional[Tensor] = None) -> Mask:
     """Document (packing) mask from per-position ``doc_ids`` or from ``cu_seqlens``."""
     return Document(doc_ids, cu_seqlens=cu_seqlens)
@@ -554,6 +691,10 @@ class Predicate(Mask):
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             raise TypeError(f"predicate {self.name} must return a bool tensor, got "
                             f"{out.dtype if isinstance(out, Tensor) else type(out).__name__}")
+        want = torch.broadcast_shapes(b.shape, h.shape, q.shape, kv.shape)
+        if out.dim() > len(want) or any(o not in (1, w) for o, w in zip(out.shape[::-1], want[::-1])):
+            raise ValueError(f"predicate {self.name} must return a bool tensor broadcastable to the index grid "
+                             f"{tuple(want)} (b, h, q, kv broadcast), got shape {tuple(out.shape)}")
         return out
 
     def __repr__(self):
@@ -589,11 +730,19 @@ class _And(Mask):
         yield from self.a.leaves()
         yield from self.b.leaves()
 
+    op = "&"
+
+    def key(self):
+        a, b = self.a.key(), self.b.key()
+        return None if a is None or b is None else (self.op, a, b)
+
     def __repr__(self):
         return f"({self.a!r} & {self.b!r})"
 
 
 class _Or(_And):
+    op = "|"
+
     def __call__(self, b, h, q, kv):
         return self.a(b, h, q, kv) | self.b(b, h, q, kv)
 
@@ -623,6 +772,10 @@ class _Not(Mask):
 
     def leaves(self):
         yield from self.a.leaves()
+
+    def key(self):
+        a = self.a.key()
+        return None if a is None else ("~", a)
 
     def __repr__(self):
         return f"~{self.a!r}"

@@ -17,13 +17,20 @@ exactly 0; a query row with no visible key outputs zeros.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Dict, Hashable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalizer", "softmax", "softmax_sink", "softmax_off_by_one", "relaxed", "sigmoid",
+from .keys import value_key
+
+__all__ = ["Normalizer", "Softmax", "Elementwise", "Sigmoid", "ReLU", "ReLU2", "NoNorm", "NORM_CODES", "softmax", "softmax_sink", "softmax_off_by_one", "relaxed", "sigmoid",
            "relu", "relu2", "none", "as_normalizer"]
+
+
+#: ``{name: kernel code}`` of every normalizer with an in-kernel twin (``attnkit.ops.softmax.triton.mods``:
+#: ``norm_weight``), filled by the classes; the softmax family is code 0
+NORM_CODES: Dict[str, int] = {}
 
 
 class Normalizer(nn.Module):
@@ -33,9 +40,24 @@ class Normalizer(nn.Module):
     name: str = "?"
     #: elementwise weights are divided by the number of visible keys
     divide_by_count: bool = False
+    #: code of the in-kernel twin; None: the fused kernels cannot compute it
+    kernel_code: Optional[int] = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kernel_code") is not None:
+            NORM_CODES[cls.name] = cls.kernel_code
 
     def validate(self, H: int) -> None:
         """Raise ValueError if the normalizer cannot apply to ``H`` query heads."""
+
+    def kernel_value(self, Lk: int) -> Optional[Tensor]:
+        """The per-head value the kernel reads (a sink logit or a sigmoid bias; scalar or ``[H]``), or None."""
+        return None
+
+    def key(self) -> Hashable:
+        """Equal for normalizers that compute the same function (see :func:`attnkit.core.keys.value_key`)."""
+        return (type(self).__name__, id(self))
 
     @property
     def needs_counts(self) -> bool:
@@ -54,6 +76,8 @@ class Softmax(Normalizer):
     """
 
     family = "softmax"
+    name = "softmax"
+    kernel_code = 0
 
     def __init__(self, sink: Optional[Union[float, Tensor]] = None, gamma: float = 0.0, name: str = "softmax"):
         super().__init__()
@@ -63,6 +87,15 @@ class Softmax(Normalizer):
             sink = torch.tensor(float(sink), dtype=torch.float64)
         if sink is not None and (not sink.is_floating_point() or sink.dim() > 1):
             raise ValueError(f"sink logits must be a float scalar or a 1-D per-head tensor, got {tuple(sink.shape)}")
+        if isinstance(gamma, Tensor):
+            if gamma.requires_grad:
+                raise TypeError("relaxed softmax takes gamma as a number: a learnable gamma (a tensor that requires "
+                                "grad) is not supported, and detaching it silently would drop its gradient")
+            if gamma.numel() != 1:
+                raise ValueError(f"relaxed gamma must be one number, got a tensor of shape {tuple(gamma.shape)}")
+            gamma = float(gamma)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+            raise TypeError(f"relaxed gamma must be a float in [0, 1), got {type(gamma).__name__}")
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"relaxed gamma must be in [0, 1), got {gamma}")
         self.sink, self.gamma, self.name = sink, float(gamma), name
@@ -75,6 +108,12 @@ class Softmax(Normalizer):
         if self.sink is not None and self.sink.dim() == 1 and self.sink.numel() != H:
             raise ValueError(f"sink logits have {self.sink.numel()} entries but there are {H} query heads")
 
+    def kernel_value(self, Lk: int) -> Optional[Tensor]:
+        return self.sink
+
+    def key(self):
+        return ("softmax", value_key(self.sink), self.gamma)
+
     def sink_logits(self, H: int, like: Tensor) -> Optional[Tensor]:
         """Sink logit as ``[1, H, 1, 1]`` (or ``[1,1,1,1]``) in ``like``'s dtype, or None."""
         if self.sink is None:
@@ -84,35 +123,87 @@ class Softmax(Normalizer):
 
 
 class Elementwise(Normalizer):
-    """p = f(s) with f applied elementwise (then / n for relu, relu2)."""
+    """p = f(s) for each visible key (then / n for relu, relu2); subclasses define :meth:`f`."""
 
     family = "elementwise"
 
-    def __init__(self, name: str, bias: Optional[Union[float, Tensor]] = None):
+    def f(self, s: Tensor, Lk: int) -> Tensor:
+        """The weight of a score (``Lk``: keys of the call, for defaults that depend on it)."""
+        raise NotImplementedError
+
+    def key(self):
+        return (self.name,)
+
+
+class Sigmoid(Elementwise):
+    """sigmoid(s + b), b a float or a per-head (learnable) tensor; default −log Lk (Ramapuram et al. 2024)."""
+
+    name = "sigmoid"
+    kernel_code = 1
+
+    def __init__(self, bias: Optional[Union[float, Tensor]] = None):
         super().__init__()
-        self.name = name
-        self.divide_by_count = name in ("relu", "relu2")
         if bias is not None and not isinstance(bias, Tensor):
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise TypeError(f"sigmoid bias must be a float or a per-head tensor, got {type(bias).__name__}")
             bias = torch.tensor(float(bias), dtype=torch.float64)
+        if bias is not None:
+            if not bias.is_floating_point() or bias.dim() > 1:
+                raise ValueError(f"sigmoid bias must be a float, a 0-d or a per-head 1-D floating tensor [H], got "
+                                 f"shape {tuple(bias.shape)} dtype {bias.dtype}")
+            if not bool(torch.isfinite(bias.detach()).all()):
+                raise ValueError(f"sigmoid bias must be finite, got {bias.detach().tolist()}")
         self.bias = bias
 
     def validate(self, H):
         if self.bias is not None and self.bias.dim() == 1 and self.bias.numel() != H:
             raise ValueError(f"sigmoid bias has {self.bias.numel()} entries but there are {H} query heads")
 
+    def kernel_value(self, Lk: int) -> Tensor:
+        return self.bias if self.bias is not None else torch.tensor(-math.log(Lk), dtype=torch.float64)
+
+    def key(self):
+        return ("sigmoid", value_key(self.bias))
+
     def f(self, s: Tensor, Lk: int) -> Tensor:
-        if self.name == "sigmoid":
-            if self.bias is None:
-                b = -math.log(Lk)
-            else:
-                b = self.bias.to(device=s.device, dtype=s.dtype)
-                b = b.view(1, -1, 1, 1) if b.dim() == 1 else b
-            return torch.sigmoid(s + b)
-        if self.name == "relu":
-            return torch.relu(s)
-        if self.name == "relu2":
-            return torch.relu(s) ** 2
-        return s  # none
+        if self.bias is None:
+            b = -math.log(Lk)
+        else:
+            b = self.bias.to(device=s.device, dtype=s.dtype)
+            b = b.view(1, -1, 1, 1) if b.dim() == 1 else b
+        return torch.sigmoid(s + b)
+
+
+class ReLU(Elementwise):
+    """relu(s) / n."""
+
+    name = "relu"
+    kernel_code = 2
+    divide_by_count = True
+
+    def f(self, s, Lk):
+        return torch.relu(s)
+
+
+class ReLU2(Elementwise):
+    """relu(s)² / n."""
+
+    name = "relu2"
+    kernel_code = 3
+    divide_by_count = True
+
+    def f(self, s, Lk):
+        return torch.relu(s) ** 2
+
+
+class NoNorm(Elementwise):
+    """The raw masked scores as weights."""
+
+    name = "none"
+    kernel_code = 4
+
+    def f(self, s, Lk):
+        return s
 
 
 def softmax() -> Normalizer:
@@ -140,29 +231,30 @@ def relaxed(gamma: float) -> Normalizer:
 
 def sigmoid(bias: Optional[Union[float, Tensor]] = None) -> Normalizer:
     """Sigmoid attention ``sigmoid(s + b)``; ``b`` defaults to −log Lk (Ramapuram et al. 2024)."""
-    return Elementwise("sigmoid", bias)
+    return Sigmoid(bias)
 
 
 def relu() -> Normalizer:
     """ReLU attention ``relu(s) / n``."""
-    return Elementwise("relu")
+    return ReLU()
 
 
 def relu2() -> Normalizer:
     """ReLU² attention ``relu(s)² / n`` (Primer-style squared ReLU)."""
-    return Elementwise("relu2")
+    return ReLU2()
 
 
 def none() -> Normalizer:
     """No normalization: raw masked scores as weights (for research)."""
-    return Elementwise("none")
+    return NoNorm()
 
 
 _NAMED = {"softmax": softmax, "softmax_off_by_one": softmax_off_by_one, "softmax1": softmax_off_by_one,
           "sigmoid": sigmoid, "relu": relu, "relu2": relu2, "none": none}
 
 
-_SHARED: dict = {}
+#: one shared instance per parameter-free name, built at import (not per call, and never inside a compiled region)
+_SHARED: dict = {name: make() for name, make in _NAMED.items()}
 
 
 def as_normalizer(n) -> Normalizer:
@@ -170,10 +262,7 @@ def as_normalizer(n) -> Normalizer:
         return n
     if isinstance(n, str):
         if n in _NAMED:  # parameter-free: one shared instance per name (no per-call module construction)
-            inst = _SHARED.get(n)
-            if inst is None:
-                inst = _SHARED[n] = _NAMED[n]()
-            return inst
+            return _SHARED[n]
         if n in ("softmax_sink", "relaxed"):
             raise ValueError(f"normalizer {n!r} needs parameters: use attnkit.normalizers.{n}(...)")
         raise ValueError(f"unknown normalizer {n!r}; expected one of {sorted(_NAMED)} "

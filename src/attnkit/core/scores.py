@@ -14,13 +14,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .keys import value_key
+
 __all__ = [
-    "ScoreMod", "Idx", "log_counts", "softcap", "alibi", "alibi_slopes", "relative_bias", "ssmax", "temperature",
+    "ScoreMod", "SCORE_CODES", "Idx", "log_counts", "softcap", "alibi", "alibi_slopes", "relative_bias", "ssmax", "temperature",
     "pointwise", "compose", "as_score_mod",
 ]
 
@@ -62,13 +64,44 @@ def log_counts(n: Tensor) -> Tensor:
     return torch.log(n.clamp(min=1))
 
 
+#: ``{kind: kernel code}`` of every score mod with an in-kernel twin (``attnkit.ops.softmax.triton.mods``:
+#: ``score_mod`` / ``score_mod_bwd``), filled by the classes
+SCORE_CODES: Dict[str, int] = {}
+
+
 class ScoreMod(nn.Module):
-    """Base class: ``forward(score, idx) -> score`` on a ``[B, H, lq, lk]`` block."""
+    """Base class: ``forward(score, idx) -> score`` on a ``[B, H, lq, lk]`` block.
+
+    A mod with an in-kernel twin sets ``kernel_code`` and, for the fused kernels' per-head parameter slot, returns
+    its value from :meth:`kernel_value` and the tensor the slot's gradient belongs to from :meth:`kernel_learnable`.
+    """
 
     #: whether the mod needs ``idx.n`` (visible keys per row)
     needs_counts: bool = False
-    #: leaf kind for fused kernels
+    #: leaf kind
     kind: str = "pointwise"
+    #: code of the in-kernel twin; 0: none
+    kernel_code: int = 0
+    #: ``forward`` works on 0-d indices under ``torch.func.vmap`` (the FlexAttention peer calls it that way; a
+    #: ``pointwise`` function must be written so too)
+    vmappable: bool = True
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kernel_code"):
+            SCORE_CODES[cls.kind] = cls.kernel_code
+
+    def kernel_value(self, H: int) -> Optional[Tensor]:
+        """The value of the kernel's per-head parameter slot (scalar or ``[H]``), or None."""
+        return None
+
+    def kernel_learnable(self) -> Optional[Tensor]:
+        """The tensor whose gradient the kernel's slot sums give (when it requires grad), or None."""
+        return None
+
+    def key(self) -> Hashable:
+        """Equal for mods that compute the same function (see :func:`attnkit.core.keys.value_key`)."""
+        return (self.kind, id(self))
 
     def forward(self, score: Tensor, idx: Idx) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,11 +128,15 @@ class ScoreMod(nn.Module):
 
 
 def _head_param(name: str, value, positive: bool = False) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a floating tensor, got {type(value).__name__}")
     t = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a float or floating tensor, got {t.dtype}")
     if t.dim() > 1:
         raise ValueError(f"{name} must be a scalar or a per-head 1-D tensor, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{name} must be finite, got {t.detach().tolist()}")
     if positive and bool((t.detach() <= 0).any()):
         raise ValueError(f"{name} must be > 0, got {t.detach().tolist()}")
     return t
@@ -120,11 +157,18 @@ class Softcap(ScoreMod):
     """s' = c · tanh(s / c) (Gemma-2 / Grok logit soft-capping)."""
 
     kind = "softcap"
+    kernel_code = 1
+
+    def kernel_value(self, H):
+        return torch.tensor(self.cap, dtype=torch.float64)
+
+    def key(self):
+        return ("softcap", self.cap)
 
     def __init__(self, cap: float):
         super().__init__()
-        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0:
-            raise ValueError(f"softcap needs a positive number, got {cap!r}")
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not (cap > 0 and math.isfinite(cap)):
+            raise ValueError(f"softcap needs a positive number (finite), got {cap!r}")
         self.cap = float(cap)
 
     def forward(self, score, idx):
@@ -157,6 +201,16 @@ class ALiBi(ScoreMod):
     """s' = s − m_h · |q − kv| with per-head slopes m_h (Press et al., ALiBi)."""
 
     kind = "alibi"
+    kernel_code = 2
+
+    def kernel_value(self, H):
+        return self.slopes if self.slopes is not None else self.slopes_for(H, "cpu", torch.float64)
+
+    def kernel_learnable(self):
+        return self.slopes
+
+    def key(self):
+        return ("alibi", value_key(self.slopes))
 
     def __init__(self, slopes: Optional[Union[Tensor, Sequence[float]]] = None):
         super().__init__()
@@ -212,6 +266,14 @@ class RelativeBias(ScoreMod):
     """s' = s + table[bucket(kv − q), h], a learnable T5 relative-position bias."""
 
     kind = "relative_bias"
+    kernel_code = 3
+
+    def kernel_learnable(self):
+        return self.table
+
+    def key(self):
+        return ("relative_bias", id(self), value_key(self.table), self.num_buckets, self.max_distance,
+                self.bidirectional)
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128,
                  bidirectional: bool = True, table: Optional[Tensor] = None):
@@ -264,7 +326,17 @@ class SSMax(ScoreMod):
     """s' = s_h · log(n) · s, n = number of keys visible to the query (Scalable-Softmax, Nakanishi 2025)."""
 
     kind = "ssmax"
+    kernel_code = 4
     needs_counts = True
+
+    def kernel_value(self, H):
+        return self.s
+
+    def kernel_learnable(self):
+        return self.s
+
+    def key(self):
+        return ("ssmax", value_key(self.s))
 
     def __init__(self, s: Union[float, Tensor] = 0.43):
         super().__init__()
@@ -289,6 +361,16 @@ class Temperature(ScoreMod):
     """s' = s / τ_h (a scalar or per-head, possibly learnable, temperature)."""
 
     kind = "temperature"
+    kernel_code = 5
+
+    def kernel_value(self, H):
+        return self.tau
+
+    def kernel_learnable(self):
+        return self.tau
+
+    def key(self):
+        return ("temperature", value_key(self.tau))
 
     def __init__(self, tau: Union[float, Tensor]):
         super().__init__()
@@ -313,6 +395,7 @@ class Pointwise(ScoreMod):
     """Any user function ``fn(score, b, h, q, kv) -> score`` (torch ops, broadcasting indices)."""
 
     kind = "pointwise"
+    kernel_code = 6  # the kernels call its Triton twin ``triton_fn`` when one is given
 
     def __init__(self, fn: Callable, name: Optional[str] = None, triton_fn=None, params: Sequence[Tensor] = ()):
         super().__init__()
@@ -325,7 +408,14 @@ class Pointwise(ScoreMod):
             setattr(self, f"param{i}", t)
 
     def forward(self, score, idx):
-        return self.fn(score, idx.b, idx.h, idx.q, idx.kv)
+        out = self.fn(score, idx.b, idx.h, idx.q, idx.kv)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(f"pointwise score mod {self.name} must return a floating tensor (the new scores), got "
+                            f"{out.dtype if isinstance(out, Tensor) else type(out).__name__}")
+        if torch.broadcast_shapes(out.shape, score.shape) != score.shape:
+            raise ValueError(f"pointwise score mod {self.name} must return scores of shape {tuple(score.shape)} "
+                             f"(or broadcastable to it), got {tuple(out.shape)}")
+        return out
 
     def extra_repr(self):
         return self.name

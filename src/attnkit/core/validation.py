@@ -56,6 +56,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, layout: str = "bhtd") -> Tuple[Te
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if k.shape[3] != D:
         raise ValueError(f"q and k must share the head dim, got {D} and {k.shape[3]}")
+    if B == 0 or Hq == 0:
+        raise ValueError(f"attention needs a batch and heads (B >= 1, H >= 1), got q of shape {tuple(q.shape)}")
     if Lq == 0 or k.shape[2] == 0 or D == 0 or v.shape[3] == 0:
         raise ValueError(f"empty dimension in q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     return q, k, v

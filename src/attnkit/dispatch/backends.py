@@ -152,7 +152,10 @@ def run(backend: str, q: Tensor, k: Tensor, v: Tensor, *, mask, score_mod, norma
         return None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    from ..ops.softmax.fused import attention as fused
+    if torch.compiler.is_compiling():  # one opaque custom-op node for torch.compile / torch.export
+        from .custom_ops import attention as fused
+    else:
+        from ..ops.softmax.fused import attention as fused
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     try:
         _check(q, k, v)

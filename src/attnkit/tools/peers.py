@@ -42,10 +42,6 @@ def _compiled_flex():
     return _flex["fn"]
 
 
-#: score mod kinds whose ``forward`` is written for 0-d indices under vmap (a pointwise fn must be too)
-FLEX_SCORE_KINDS = ("softcap", "alibi", "temperature", "relative_bias", "ssmax", "pointwise")
-
-
 def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: int, Lk: int, device,
               score_dtype: torch.dtype = torch.float32):
     """``(mask_mod or None, score_mod or None)`` for FlexAttention, or None when a score mod has no Flex form.
@@ -67,7 +63,7 @@ def flex_mods(mask: M.Mask, score_mod: Optional[ScoreMod], B: int, Hq: int, Lq: 
 
     if score_mod is None:
         return mask_mod, None
-    if any(m.kind not in FLEX_SCORE_KINDS for m in score_mod.mods()):
+    if not all(m.vmappable for m in score_mod.mods()):
         return None
     mod = score_mod.detached(device)
     logn = None

@@ -125,11 +125,46 @@ def _per_token(name: str, t, layout: str, B: int, H: int, T: int, tail: Tuple[in
     check_shape(name, t, shape, want)
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
-    return to_bhtd(t, layout).to(cd)
+    t = to_bhtd(t, layout)
+    return t if cd is None else t.to(cd)
 
 
-def _prepare(rule: Rule, q, k, v, *, gate, beta, feature_map, normalize, scale, layout, qk_l2norm,
-             layer_idx, num_layers, level_weights=None) -> Tuple[Problem, dict]:
+@dataclass
+class Inputs:
+    """One call's inputs after validation: ``[B, H, T, ·]`` views in the caller's dtype, nothing copied or
+    expanded yet. ``gate``: None, the per-head decays ``[H]`` (defaults filled in), ``[B, H, T]`` or
+    ``[B, H, T, Dg]``; ``scale``: resolved; ``H``: the state's heads (q/k and v heads divide it)."""
+
+    rule: Rule
+    q: Tensor
+    k: Optional[Tensor]
+    v: Tensor
+    gate: Optional[Tensor]
+    beta: Optional[Tensor]
+    fm: FeatureMap
+    scale: float
+    qk_l2norm: bool
+    normalize: bool
+    level_weights: Optional[Tensor]
+    B: int
+    H: int
+    T: int
+    Dq: int
+    Dv: int
+
+    @property
+    def cd(self) -> torch.dtype:
+        return compute_dtype(self.q.dtype)
+
+    @property
+    def Dk(self) -> int:
+        """The key dim after the feature map (hgrn2: the gate's)."""
+        return self.Dq if self.rule.name == "hgrn2" else self.fm.dim(self.Dq)
+
+
+def validate(rule: Rule, q, k, v, *, gate, beta, feature_map, normalize, scale, layout, qk_l2norm,
+             layer_idx, num_layers, level_weights=None) -> Inputs:
+    """Check every argument of one call (shapes, dtypes, devices, gates ≤ 0, β ∈ [0, 2]) without copying."""
     check_tensor("q", q, 4, "[B, H, T, Dk]")
     check_tensor("v", v, 4, "[B, H, T, Dv]")
     if rule.name == "hgrn2":
@@ -161,15 +196,11 @@ def _prepare(rule: Rule, q, k, v, *, gate, beta, feature_map, normalize, scale, 
     H = max(Hk, Hv)
     if H % Hk or H % Hv:
         raise ValueError(f"query/key heads ({Hk}) and value heads ({Hv}) must divide one another (grouped heads)")
-    cd = compute_dtype(q.dtype)
     fm = as_feature_map(feature_map)
     if normalize and (rule.delta or not fm.positive):
         raise ValueError("normalize=True needs an additive rule and a positive feature map (elu, relu, favor, "
                          "taylor2); "
                          f"got rule {rule.name!r} with feature map {fm.name!r}")
-    q = expand_heads(q.to(cd), H)
-    v = expand_heads(v.to(cd), H)
-
     # gates
     g = None
     if rule.gate == "none":
@@ -178,53 +209,69 @@ def _prepare(rule: Rule, q, k, v, *, gate, beta, feature_map, normalize, scale, 
                              f"{tuple(gate.shape) if isinstance(gate, Tensor) else ''}")
     elif rule.gate == "head":
         if gate is None:
-            g0 = retention_log_decay(H) if rule.name == "retention" else lightning_log_decay(H, layer_idx, num_layers)
+            g = retention_log_decay(H) if rule.name == "retention" else lightning_log_decay(H, layer_idx, num_layers)
+            g = g.to(q.device)
         else:
             check_tensor("gate", gate, 1, "[H] (one log decay per head)")
             check_shape("gate", gate, (H,), "[H] (one log decay per head)")
             if gate.device != q.device:
                 raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
             check_log_gate("gate", gate)
-            g0 = gate
-        g = g0.to(device=q.device, dtype=cd)[None, :, None].expand(B, H, T)
+            g = gate
     else:
         if gate is None:
             raise ValueError(f"rule {rule.name!r} needs gate= (log decays, "
                              f"{'[B, H, T]' if rule.gate == 'scalar' else '[B, H, T, Dk]'})")
         Dg = fm.dim(Dq) if rule.name != "hgrn2" else Dq
         g = _per_token("gate", gate, layout, B, H, T, (Dg,) if rule.gate == "channel" else (),
-                       "Dk" if rule.gate == "channel" else "", cd, q.device)
+                       "Dk" if rule.gate == "channel" else "", None, q.device)
         check_log_gate("gate", g)
-    # keys
-    if rule.name == "hgrn2":
-        k = -torch.expm1(g)
-    else:
-        k = expand_heads(k.to(cd), H)
-        q, k = fm(q), fm(k)
-    if qk_l2norm:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     sc = _check_scale(scale)
     if sc is None:
         sc = 1.0 if fm.own_scale or rule.name == "hgrn2" else 1.0 / math.sqrt(Dq)
-    q = q * sc
     # beta
     if rule.delta:
         if beta is None:
             raise ValueError(f"rule {rule.name!r} needs beta= (write strengths in [0, 2], [B, H, T])")
-        beta = _per_token("beta", beta, layout, B, H, T, (), "", cd, q.device)
+        beta = _per_token("beta", beta, layout, B, H, T, (), "", None, q.device)
         check_beta(beta)
     elif beta is not None:
         raise ValueError(f"rule {rule.name!r} takes no beta (only delta, gated_delta, kda and their log-linear form)")
-    if normalize:
-        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
     lam = None
     if level_weights is not None:
         check_tensor("level_weights", level_weights, 4, "[B, H, T, L]")
-        lam = _per_token("level_weights", level_weights, layout, B, H, T, (level_weights.shape[-1],), "L", cd,
+        lam = _per_token("level_weights", level_weights, layout, B, H, T, (level_weights.shape[-1],), "L", None,
                          q.device)
         if not bool(torch.isfinite(lam).all()):
             raise ValueError("level_weights must be finite")
-    meta = dict(B=B, H=H, T=T, Dk=k.shape[-1], Dv=Dv, cd=cd)
+    return Inputs(rule, q, k, v, g, beta, fm, sc, bool(qk_l2norm), bool(normalize), lam, B, H, T, Dq, Dv)
+
+
+def _prepare(rule: Rule, q, k, v, **kw) -> Tuple[Problem, dict]:
+    """The reference forms' :class:`Problem`: feature map, L2 norm and scale applied, heads expanded, computed in
+    float32 (half inputs) or float64, the ones column of ``normalize`` appended."""
+    x = validate(rule, q, k, v, **kw)
+    cd, H, B, T = x.cd, x.H, x.B, x.T
+    q = expand_heads(x.q.to(cd), H)
+    v = expand_heads(x.v.to(cd), H)
+    g = x.gate
+    if g is not None:
+        g = g.to(device=q.device, dtype=cd)
+        if rule.gate == "head":
+            g = g[None, :, None].expand(B, H, T)
+    if rule.name == "hgrn2":
+        k = -torch.expm1(g)
+    else:
+        k = expand_heads(x.k.to(cd), H)
+        q, k = x.fm(q), x.fm(k)
+    if x.qk_l2norm:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    q = q * x.scale
+    beta = None if x.beta is None else x.beta.to(cd)
+    if x.normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    lam = None if x.level_weights is None else x.level_weights.to(cd)
+    meta = dict(B=B, H=H, T=T, Dk=k.shape[-1], Dv=x.Dv, cd=cd)
     return Problem(q, k, v, g, beta, rule.delta, lam), meta
 
 
@@ -337,7 +384,8 @@ def linear_attention(
         layer_idx, num_layers: lightning's layer depth (default decays).
         return_attention: also return the implicit ``[B, H, T, T]`` attention matrix (parallel
             form; excludes the initial-state term; O(T³) for delta rules).
-        backend: 'reference' (plain PyTorch autograd; 'auto' is the same for now).
+        backend: 'reference' (plain PyTorch autograd; 'auto' is the same here: the fused kernels are chosen by
+            :func:`attnkit.linear_attention`, which calls this for what they do not cover).
 
     Returns:
         ``(o, final_state)``, plus the attention matrix when ``return_attention``.
@@ -574,6 +622,7 @@ def step(
     beta: Optional[Tensor] = None,
     level_weights: Optional[Tensor] = None,
     base: Optional[str] = None,
+    attention=None,
     **kwargs,
 ) -> Tuple[Tensor, State]:
     """Decode one token: ``(o_t, new_state)`` from ``state`` (None: empty).
@@ -582,6 +631,7 @@ def step(
     gate ``[B, H]`` / ``[B, H, Dk]`` (``[H]`` for retention / lightning), beta ``[B, H]``,
     level_weights ``[B, H, L]``; aaren takes ``q=None`` and ``query=``. Other keyword arguments
     (feature_map, normalize, scale, qk_l2norm, query, layer_idx, num_layers) as in linear_attention.
+    ``attention``: the linear_attention to run (the dispatcher passes its own; default the reference).
     """
     if "layout" in kwargs or "form" in kwargs or "cu_seqlens" in kwargs:
         raise TypeError("step() takes one token in [B, H, D]; layout, form and cu_seqlens do not apply")
@@ -600,7 +650,7 @@ def step(
         gate = tok("gate", gate, 2 if gate_kind == "scalar" else 3, "[B, H]" if gate_kind == "scalar" else "[B, H, Dk]")
     beta = tok("beta", beta, 2, "[B, H]")
     level_weights = tok("level_weights", level_weights, 3, "[B, H, L]")
-    o, new = linear_attention(q1, k1, v1, rule=rule, form="recurrent", gate=gate, beta=beta,
+    o, new = (attention or linear_attention)(q1, k1, v1, rule=rule, form="recurrent", gate=gate, beta=beta,
                               level_weights=level_weights, base=base, initial_state=state,
                               output_final_state=True, **kwargs)
     return o[:, :, 0], new

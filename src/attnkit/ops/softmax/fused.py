@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from ...core.keys import changes as _changes
 from ...core.masks import Geometry
 from . import plan as P
 from ..utils import tuning
@@ -69,11 +70,6 @@ def _dummy(device, dtype) -> Tensor:
 
 def _aligned(*ts: Tensor) -> Tuple[bool, ...]:
     return tuple(t.data_ptr() % 16 == 0 for t in ts)
-
-
-def _changes(t) -> bool:
-    """Whether a parameter value may change between calls without changing the cache key (see plan.value_key)."""
-    return isinstance(t, Tensor) and (t.requires_grad or t.device.type != "cpu" or t.numel() > 256)
 
 
 class Phase:
@@ -131,6 +127,7 @@ class Problem:
                                  else (dummy_i, 0))
         self.learnable: List[P.Learnable] = self.mods.learnable + self.norm.learnable
         self.learnable_tensors = [lr.tensor for lr in self.learnable]
+        assert [id(t) for t in self.learnable_tensors] == [id(t) for t in P.learnable_tensors(score_mod, normalizer, Lk)]
         values = [v for _, v in self.mods.values] + [self.norm.value] + ([rb.table] if rb is not None else [])
         self.dynamic = any(_changes(t) for t in values)
         self._const: Dict[int, Tensor] = {}
@@ -414,43 +411,57 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor, dlse2: Optional[Tensor]):
-        pb: Problem = ctx.pb
+        refuse_double_backward()
         q, k, v, lam, out, lse2, osoft = ctx.saved_tensors
-        if dout is None:  # only lse was used
-            dout = torch.zeros_like(out)
-        dlse = None
-        if dlse2 is not None and dlse2.numel() and pb.norm.softmax:
-            dlse = (dlse2 * (1.0 / LN2)).contiguous()  # gradient with respect to the natural-log lse
-        want = any(ctx.needs_input_grad[5:])
-        dq, dk, dv, part, rbpart, delta = backward(pb, ctx.bufs, q, k, v, lam, out, lse2, osoft, dout, dlse, want)
-        dlam = -delta[1].sum((0, 2)) if pb.diff and ctx.needs_input_grad[4] else None  # dL/dλ_h = −Σ dO·O2
-        if not pb.diff:
-            delta = delta[0] if pb.norm.softmax else delta
-        grads = []
-        for i, lr in enumerate(pb.learnable):
-            if not ctx.needs_input_grad[5 + i]:
-                grads.append(None)
-                continue
-            t = lr.tensor
-            if lr.role == "mod":
-                g = part[..., lr.slot].sum((0, 2))
-                grads.append(_grad_like(g, t))
-            elif lr.role == "nbias":
-                g = part[..., 4].sum((0, 2))
-                grads.append(_grad_like(g, t))
-            elif lr.role == "relbias":
-                nb = pb.mods.relbias.num_buckets
-                g = rbpart.sum((0, 2))[:, :nb]  # [Hq, NB]
-                grads.append(_grad_like(g.t(), t))
-            else:  # sink: dL/dσ_h = Σ_rows exp(σ_h − lse) · (−delta)
-                lse = lse2 * LN2
-                sink = P.per_head(t, pb.Hq, pb.device, pb.acc_t).view(1, -1, 1)
-                finite = torch.isfinite(lse)
-                p_sink = torch.where(finite, torch.exp(sink - torch.where(finite, lse, torch.zeros_like(lse))),
-                                     torch.zeros_like(lse))
-                g = (p_sink * (-delta)).sum((0, 2))
-                grads.append(_grad_like(g, t))
+        dq, dk, dv, dlam, grads = gradients(ctx.pb, ctx.bufs, q, k, v, lam, out, lse2, osoft, dout, dlse2,
+                                            ctx.needs_input_grad[4], ctx.needs_input_grad[5:])
         return (None, dq, dk, dv, dlam, *grads)
+
+
+def refuse_double_backward() -> None:
+    """A backward that runs with grad mode on (``create_graph=True``, e.g. a gradient penalty) would return first-order
+    gradients detached from the graph, silently dropping the second-order term: refuse it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward (create_graph=True) is not supported by the fused attention kernels "
+                           "(backend='triton', or 'auto' on CUDA); use backend='reference' with form='materialized', "
+                           "whose plain-PyTorch backward is differentiable")
+
+
+def gradients(pb: Problem, bufs, q, k, v, lam, out, lse2, osoft, dout, dlse2, want_lam: bool, want_params):
+    """``(dq, dk, dv, dλ, [d param])`` of one fused call from its saved tensors; ``dout`` / ``dlse2`` may be None
+    (that output was not used). ``want_params[i]``: whether ``pb.learnable[i]`` needs its gradient."""
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    dlse = None
+    if dlse2 is not None and dlse2.numel() and pb.norm.softmax:
+        dlse = (dlse2 * (1.0 / LN2)).contiguous()  # gradient with respect to the natural-log lse
+    dq, dk, dv, part, rbpart, delta = backward(pb, bufs, q, k, v, lam, out, lse2, osoft, dout, dlse,
+                                               any(want_params))
+    dlam = -delta[1].sum((0, 2)) if pb.diff and want_lam else None  # dL/dλ_h = −Σ dO·O2
+    if not pb.diff:
+        delta = delta[0] if pb.norm.softmax else delta
+    grads = []
+    for lr, want in zip(pb.learnable, want_params):
+        if not want:
+            grads.append(None)
+            continue
+        t = lr.tensor
+        if lr.role == "mod":
+            g = part[..., lr.slot].sum((0, 2))
+        elif lr.role == "nbias":
+            g = part[..., 4].sum((0, 2))
+        elif lr.role == "relbias":
+            nb = pb.mods.relbias.num_buckets
+            g = rbpart.sum((0, 2))[:, :nb].t()  # [NB, Hq]
+        else:  # sink: dL/dσ_h = Σ_rows exp(σ_h − lse) · (−delta)
+            lse = lse2 * LN2
+            sink = P.per_head(t, pb.Hq, pb.device, pb.acc_t).view(1, -1, 1)
+            finite = torch.isfinite(lse)
+            p_sink = torch.where(finite, torch.exp(sink - torch.where(finite, lse, torch.zeros_like(lse))),
+                                 torch.zeros_like(lse))
+            g = (p_sink * (-delta)).sum((0, 2))
+        grads.append(_grad_like(g, t))
+    return dq, dk, dv, dlam, grads
 
 
 _problems: "OrderedDict[tuple, Problem]" = OrderedDict()
@@ -459,15 +470,19 @@ _mask_keys = None
 
 
 def _mask_key(mask) -> object:
-    """Structural key of a parameter-only mask (equal masks share one Problem), else the object's identity."""
+    """:meth:`Mask.key` (equal masks share one Problem), else the object's identity and the versions of the tensors
+    it holds (an in-place update of a document's ids gives a new Problem). Masks that hold no tensor are keyed once."""
     global _mask_keys
     if _mask_keys is None:
         import weakref
         _mask_keys = weakref.WeakKeyDictionary()
     k = _mask_keys.get(mask)
-    if k is None:
-        s = P.structural_key(mask)
-        k = ("s", s) if s is not None else ("id", id(mask))
+    if k is not None:
+        return k
+    version = mask.version()
+    s = mask.key()
+    k = ("s", s) if s is not None else ("id", id(mask), version)
+    if not version:
         _mask_keys[mask] = k
     return k
 

@@ -17,7 +17,6 @@ per sizes / block sizes / device: a model pays the block-map scan once per shape
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,14 +26,9 @@ import torch
 from torch import Tensor
 
 from ...core import masks as M
-from ...core.normalizers import Elementwise, Normalizer, Softmax
-from ...core.scores import ScoreMod, t5_bucket
+from ...core.normalizers import Normalizer
+from ...core.scores import Pointwise, RelativeBias, ScoreMod, t5_bucket
 
-MASK_CODES = {"full": 1, "causal": 2, "sliding_window": 3, "chunked": 4, "prefix_lm": 5, "sinks": 6,
-              "dilated": 7, "document": 8}
-ANALYTIC = {"full", "causal", "sliding_window", "chunked", "prefix_lm", "sinks", "dilated"}
-MOD_CODES = {"softcap": 1, "alibi": 2, "relative_bias": 3, "ssmax": 4, "temperature": 5, "pointwise": 6}
-NORM_CODES = {"sigmoid": 1, "relu": 2, "relu2": 3, "none": 4}
 MODE_NONE, MODE_LEAVES, MODE_BITMAP = 0, 1, 2
 MAX_LEAVES = 4
 MAX_MODS = 4
@@ -63,16 +57,14 @@ def _leaves(mask: M.Mask) -> List[M.Mask]:
     return out
 
 
-def structural_key(mask: M.Mask) -> Optional[str]:
-    """``repr`` of a mask made only of parameter-only leaves (equal for equal masks), else None."""
-    if all(leaf.kind in ANALYTIC or (leaf.kind == "document" and getattr(leaf, "cu_seqlens", None) is not None)
-           for leaf in _leaves(mask)):
-        return repr(mask)
-    return None
+def structural_key(mask: M.Mask) -> Optional[Any]:
+    """:meth:`Mask.key` (equal for masks computing the same function now), or None for masks known by identity."""
+    return mask.key()
 
 
 def cached(mask: M.Mask, key: Tuple, build):
-    """``build()`` once per (mask, key): keyed by ``repr`` for parameter-only masks, else on the object."""
+    """``build()`` once per (mask, key): shared by equal masks (:meth:`Mask.key`), else kept on the mask object
+    and rebuilt when a tensor the mask holds is updated in place (:meth:`Mask.version`)."""
     skey = structural_key(mask)
     if skey is not None:
         full_key = (skey,) + key
@@ -87,6 +79,10 @@ def cached(mask: M.Mask, key: Tuple, build):
                 _structural.popitem(last=False)
         return value
     store = mask.__dict__.setdefault("_attnkit_kernel_cache", {})
+    version = mask.version()
+    if store.get("version") != version:  # a held tensor changed: nothing built from the old values is kept
+        store.clear()
+        store["version"] = version
     if key not in store:
         store[key] = build()
     return store[key]
@@ -112,7 +108,7 @@ class MaskPlan:
         (``causal``, ``sliding_window``, ``causal.document/8``, ...; parameters and lengths left out)."""
         if self.mode != MODE_LEAVES:
             return ("none", "leaves", "bitmap")[self.mode]
-        names = {code: name for name, code in MASK_CODES.items()}
+        names = {code: name for name, code in M.LEAF_CODES.items()}
         leaves = ".".join(names[(self.leaves >> (4 * i)) & 15] for i in range(self.n_leaves))
         return leaves if self.n_leaves == 1 else f"{leaves}/{self.tt}"
 
@@ -133,13 +129,14 @@ def _truth_table(mask: M.Mask, index: Dict[int, int]) -> int:
 
 
 def mask_plan(mask: M.Mask, B: int, device) -> MaskPlan:
-    """Kernel switches and parameters of a mask (cached per mask and device)."""
+    """Kernel switches and parameters of a mask (cached per mask and device): each leaf gives its code and
+    parameters (:meth:`Mask.kernel_params`); a leaf's tensor is stored in ``maskd``, its offset first."""
     return cached(mask, ("plan", B, str(device)), lambda: _mask_plan(mask, B, device))
 
 
 def _mask_plan(mask: M.Mask, B: int, device) -> MaskPlan:
     leaves = _leaves(mask)
-    if len(leaves) > MAX_LEAVES or any(leaf.kind not in MASK_CODES for leaf in leaves):
+    if len(leaves) > MAX_LEAVES or any(not leaf.kernel_code for leaf in leaves):
         return MaskPlan(mask, MODE_BITMAP)
     index = {id(leaf): i for i, leaf in enumerate(leaves)}
     tt = _truth_table(mask, index)
@@ -149,25 +146,12 @@ def _mask_plan(mask: M.Mask, B: int, device) -> MaskPlan:
     params, data = [0] * (4 * MAX_LEAVES), []
     packed = 0
     for i, leaf in enumerate(leaves):
-        packed |= MASK_CODES[leaf.kind] << (4 * i)
-        p = params[4 * i:4 * i + 4]
-        if leaf.kind == "sliding_window":
-            p[0], p[1] = leaf.left, leaf.right
-        elif leaf.kind == "chunked":
-            p[0] = leaf.block
-        elif leaf.kind == "sinks":
-            p[0] = leaf.n
-        elif leaf.kind == "dilated":
-            p[0] = leaf.rate
-        elif leaf.kind == "prefix_lm":
-            pl = leaf.prefix_len.reshape(-1)
-            p[0], p[1] = sum(t.numel() for t in data), (1 if pl.numel() > 1 else 0)
-            data.append(pl.to(torch.int64))
-        elif leaf.kind == "document":
-            ids = leaf.ids
-            p[0], p[1], p[2] = sum(t.numel() for t in data), (ids.shape[1] if ids.shape[0] > 1 else 0), ids.shape[1]
-            data.append(ids.reshape(-1).to(torch.int64))
-        params[4 * i:4 * i + 4] = p
+        packed |= leaf.kernel_code << (4 * i)
+        ints, tensor = leaf.kernel_params()
+        if tensor is not None:
+            ints = (sum(t.numel() for t in data),) + tuple(ints)
+            data.append(tensor.reshape(-1).to(torch.int64))
+        params[4 * i:4 * i + len(ints)] = ints
     maskd = torch.cat([t.cpu() for t in data]) if data else torch.zeros(1, dtype=torch.int64)
     if maskd.numel() and (maskd.abs().max() >= 2 ** 31):
         raise Unsupported("mask parameters must fit in int32")
@@ -329,46 +313,14 @@ class ModPlan:
     learnable: List[Learnable] = field(default_factory=list)
 
 
-def value_key(t) -> Any:
-    """Cache key of a parameter value: numbers and small CPU tensors without gradient by value (a plan built
-    from them stays valid); other tensors by identity (their values are re-read on every call)."""
-    if t is None or not isinstance(t, Tensor):
-        return None if t is None else ("f", float(t))
-    if t.device.type == "cpu" and not t.requires_grad and t.numel() <= 256:
-        return ("v", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
-    return ("t", id(t), t.requires_grad)  # a tensor unfrozen later gets a plan that differentiates it
-
-
 def mods_key(score_mod: Optional[ScoreMod]) -> Optional[Tuple]:
-    """What a fused kernel plan depends on in a score mod (see :func:`value_key`)."""
-    if score_mod is None:
-        return None
-    out = []
-    for m in score_mod.mods():
-        kind = m.kind
-        if kind == "softcap":
-            out.append((kind, m.cap))
-        elif kind == "alibi":
-            out.append((kind, value_key(m.slopes)))
-        elif kind == "ssmax":
-            out.append((kind, value_key(m.s)))
-        elif kind == "temperature":
-            out.append((kind, value_key(m.tau)))
-        elif kind == "relative_bias":
-            out.append((kind, id(m), id(m.table), m.table.requires_grad, m.num_buckets, m.max_distance,
-                        m.bidirectional))
-        else:  # pointwise and anything else: the object itself
-            out.append((kind, id(m)))
-    return tuple(out)
+    """What a fused kernel plan depends on in a score mod (:meth:`ScoreMod.key` of each)."""
+    return None if score_mod is None else tuple(m.key() for m in score_mod.mods())
 
 
-def norm_key(normalizer: Normalizer) -> Tuple:
-    """What a fused kernel plan depends on in a normalizer (see :func:`value_key`)."""
-    if isinstance(normalizer, Softmax):
-        return ("softmax", value_key(normalizer.sink), normalizer.gamma)
-    if isinstance(normalizer, Elementwise):
-        return ("elementwise", normalizer.name, normalizer.divide_by_count, value_key(normalizer.bias))
-    return ("other", id(normalizer))
+def norm_key(normalizer: Normalizer) -> Any:
+    """What a fused kernel plan depends on in a normalizer (:meth:`Normalizer.key`)."""
+    return normalizer.key()
 
 
 def _twin(mod) -> Tuple[Any, Any]:
@@ -381,6 +333,37 @@ def _twin(mod) -> Tuple[Any, Any]:
     return tf, None
 
 
+def learnable_tensors(score_mod: Optional[ScoreMod], normalizer: Normalizer, Lk: int) -> List[Tensor]:
+    """The tensors of a score mod and normalizer that get gradients from the fused kernels, in the kernels' order
+    (score-mod slots, then the normalizer's value): what :class:`ModPlan` + :class:`NormPlan` list as learnable."""
+    out = []
+    for mod in (score_mod.mods() if score_mod is not None else ()):
+        if isinstance(mod, Pointwise):
+            continue
+        t = mod.table if isinstance(mod, RelativeBias) else mod.kernel_learnable()
+        if t is not None and t.requires_grad:
+            out.append(t)
+    value = normalizer.kernel_value(Lk)
+    if isinstance(value, Tensor) and value.requires_grad:
+        out.append(value)
+    return out
+
+
+def _pointwise_twin(mod: Pointwise, need_grad: bool) -> Tuple[Any, Any]:
+    fn, dfn = _twin(mod)
+    if fn is None:
+        raise Unsupported(f"pointwise score mod {mod.name!r} has no Triton twin (pass "
+                          "pointwise(fn, triton_fn=(fn_jit, dfn_jit)))")
+    if any(p.requires_grad for p in mod.parameters()) or any(
+            isinstance(t, Tensor) and t.requires_grad for t in vars(mod).values()):
+        raise Unsupported(f"pointwise score mod {mod.name!r} has learnable params (the fused backward "
+                          "differentiates built-in mods only)")
+    if need_grad and dfn is None:
+        raise Unsupported(f"pointwise score mod {mod.name!r}: the backward needs its derivative; pass "
+                          "triton_fn=(fn, dfn) with dfn(score, b, h, q_idx, kv_idx) = d fn / d score")
+    return fn, dfn
+
+
 def mod_plan(score_mod: Optional[ScoreMod], Hq: int, need_grad: bool) -> ModPlan:
     mp = ModPlan()
     if score_mod is None:
@@ -390,45 +373,23 @@ def mod_plan(score_mod: Optional[ScoreMod], Hq: int, need_grad: bool) -> ModPlan
         raise Unsupported(f"at most {MAX_MODS} composed score mods, got {len(leaves)}")
     fns, dfns = [None] * 4, [None] * 4
     for slot, mod in enumerate(leaves):
-        kind = mod.kind
-        if kind not in MOD_CODES:
-            raise Unsupported(f"score mod kind {kind!r} ({type(mod).__name__})")
-        mp.packed |= MOD_CODES[kind] << (4 * slot)
-        if kind == "softcap":
-            mp.values.append((slot, torch.tensor(mod.cap, dtype=torch.float64)))
-        elif kind == "alibi":
-            s = mod.slopes if mod.slopes is not None else None
-            mp.values.append((slot, s if s is not None else mod.slopes_for(Hq, "cpu", torch.float64)))
-            if s is not None and s.requires_grad:
-                mp.learnable.append(Learnable(s, "mod", slot))
-        elif kind == "relative_bias":
+        if not mod.kernel_code:
+            raise Unsupported(f"score mod kind {mod.kind!r} ({type(mod).__name__})")
+        mp.packed |= mod.kernel_code << (4 * slot)
+        mp.needs_counts |= mod.needs_counts
+        if isinstance(mod, RelativeBias):  # its table and bucket lookup are separate kernel arguments
             if mp.relbias is not None:
                 raise Unsupported("at most one relative_bias score mod")
             mp.relbias = mod
             if mod.table.requires_grad:
                 mp.learnable.append(Learnable(mod.table, "relbias", slot))
-        elif kind == "ssmax":
-            mp.values.append((slot, mod.s))
-            mp.needs_counts = True
-            if mod.s.requires_grad:
-                mp.learnable.append(Learnable(mod.s, "mod", slot))
-        elif kind == "temperature":
-            mp.values.append((slot, mod.tau))
-            if mod.tau.requires_grad:
-                mp.learnable.append(Learnable(mod.tau, "mod", slot))
-        else:  # pointwise
-            fn, dfn = _twin(mod)
-            if fn is None:
-                raise Unsupported(f"pointwise score mod {mod.name!r} has no Triton twin (pass "
-                                  "pointwise(fn, triton_fn=(fn_jit, dfn_jit)))")
-            if any(p.requires_grad for p in mod.parameters()) or any(
-                    isinstance(t, Tensor) and t.requires_grad for t in vars(mod).values()):
-                raise Unsupported(f"pointwise score mod {mod.name!r} has learnable params (the fused backward "
-                                  "differentiates built-in mods only)")
-            if need_grad and dfn is None:
-                raise Unsupported(f"pointwise score mod {mod.name!r}: the backward needs its derivative; pass "
-                                  "triton_fn=(fn, dfn) with dfn(score, b, h, q_idx, kv_idx) = d fn / d score")
-            fns[slot], dfns[slot] = fn, dfn
+        elif isinstance(mod, Pointwise):
+            fns[slot], dfns[slot] = _pointwise_twin(mod, need_grad)
+        else:
+            mp.values.append((slot, mod.kernel_value(Hq)))
+            lt = mod.kernel_learnable()
+            if lt is not None and lt.requires_grad:
+                mp.learnable.append(Learnable(lt, "mod", slot))
     mp.fns, mp.dfns = tuple(fns), tuple(dfns)
     return mp
 
@@ -448,21 +409,17 @@ class NormPlan:
 
 
 def norm_plan(normalizer: Normalizer, Lk: int) -> NormPlan:
-    if isinstance(normalizer, Softmax):
-        np_ = NormPlan(0, normalizer.sink is not None, normalizer.gamma, normalizer.sink,
-                       needs_counts=normalizer.gamma > 0)
-        if isinstance(normalizer.sink, Tensor) and normalizer.sink.requires_grad:
-            np_.learnable.append(Learnable(normalizer.sink, "sink"))
-        return np_
-    if isinstance(normalizer, Elementwise) and normalizer.name in NORM_CODES:
-        value = None
-        if normalizer.name == "sigmoid":
-            value = normalizer.bias if normalizer.bias is not None else torch.tensor(-math.log(Lk), dtype=torch.float64)
-        np_ = NormPlan(NORM_CODES[normalizer.name], False, 0.0, value, needs_counts=normalizer.divide_by_count)
-        if isinstance(value, Tensor) and value.requires_grad:
-            np_.learnable.append(Learnable(value, "nbias"))
-        return np_
-    raise Unsupported(f"normalizer {getattr(normalizer, 'name', type(normalizer).__name__)!r}")
+    """Kernel code, per-head value (sink logit / sigmoid bias) and learnable tensors of a normalizer."""
+    code = normalizer.kernel_code
+    if code is None:
+        raise Unsupported(f"normalizer {getattr(normalizer, 'name', type(normalizer).__name__)!r}")
+    value = normalizer.kernel_value(Lk)
+    softmax = normalizer.family == "softmax"
+    np_ = NormPlan(code, softmax and value is not None, getattr(normalizer, "gamma", 0.0) if softmax else 0.0, value,
+                   needs_counts=normalizer.needs_counts)
+    if isinstance(value, Tensor) and value.requires_grad:
+        np_.learnable.append(Learnable(value, "sink" if softmax else "nbias"))
+    return np_
 
 
 def per_head(t: Tensor, Hq: int, device, dtype) -> Tensor:

@@ -597,6 +597,7 @@ class _ChunkFn(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         p: Problem = ctx.p
+        dht = None if dht is None else dht.contiguous()  # the kernels read dht densely (a sum's gradient is expanded)
         need = ctx.needs_input_grad
         dq, dk, dv, dg, dbeta, dh0 = _backward(p, q, k, v, g, beta, h0, do, dht, need_dh0=h0 is not None and need[5])
         B, H, T = p.B, p.H, p.T

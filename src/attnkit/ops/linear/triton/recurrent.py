@@ -229,6 +229,7 @@ class _RecurrentFn(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         p = ctx.p
+        dht = None if dht is None else dht.contiguous()  # the kernels read dht densely (a sum's gradient is expanded)
         dev = q.device
         B, H, T, Dk, Dv = p.B, p.H, p.T, p.Dk, p.Dv
         acc_t = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -4,7 +4,7 @@ Every piece is a ``triton.jit`` helper whose behaviour is fixed at compile time 
 codes, so one kernel body serves every mask / score mod / normalizer combination and the compiler
 removes what a combination does not use.
 
-Codes (host side: :mod:`attnkit.ops.softmax.plan`):
+Codes (owned by the classes in :mod:`attnkit.core`: ``kernel_code``; host side: :mod:`attnkit.ops.softmax.plan`):
 
 * mask leaves (4 bits each, up to 4 leaves packed in ``MASK_LEAVES``, combined by the truth table
   ``MASK_TT`` over the leaf bits): 1 full, 2 causal, 3 sliding window, 4 chunked, 5 prefix-LM,
@@ -23,35 +23,39 @@ All helpers take broadcastable row / column vectors, so the same code serves ``[
 import triton
 import triton.language as tl
 
+from ....core.masks import LEAF_CODES
+from ....core.normalizers import NORM_CODES
+from ....core.scores import SCORE_CODES
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-# mask leaf kinds
-K_FULL: tl.constexpr = tl.constexpr(1)
-K_CAUSAL: tl.constexpr = tl.constexpr(2)
-K_WINDOW: tl.constexpr = tl.constexpr(3)
-K_CHUNKED: tl.constexpr = tl.constexpr(4)
-K_PREFIX: tl.constexpr = tl.constexpr(5)
-K_SINKS: tl.constexpr = tl.constexpr(6)
-K_DILATED: tl.constexpr = tl.constexpr(7)
-K_DOCUMENT: tl.constexpr = tl.constexpr(8)
+# kernel codes: each mask leaf / score mod / normalizer class owns its code (attnkit.core), these name them here
+K_FULL: tl.constexpr = tl.constexpr(LEAF_CODES["full"])
+K_CAUSAL: tl.constexpr = tl.constexpr(LEAF_CODES["causal"])
+K_WINDOW: tl.constexpr = tl.constexpr(LEAF_CODES["sliding_window"])
+K_CHUNKED: tl.constexpr = tl.constexpr(LEAF_CODES["chunked"])
+K_PREFIX: tl.constexpr = tl.constexpr(LEAF_CODES["prefix_lm"])
+K_SINKS: tl.constexpr = tl.constexpr(LEAF_CODES["sinks"])
+K_DILATED: tl.constexpr = tl.constexpr(LEAF_CODES["dilated"])
+K_DOCUMENT: tl.constexpr = tl.constexpr(LEAF_CODES["document"])
 # mask modes
 MODE_NONE: tl.constexpr = tl.constexpr(0)
 MODE_LEAVES: tl.constexpr = tl.constexpr(1)
 MODE_BITMAP: tl.constexpr = tl.constexpr(2)
 # score mods
-S_SOFTCAP: tl.constexpr = tl.constexpr(1)
-S_ALIBI: tl.constexpr = tl.constexpr(2)
-S_RELBIAS: tl.constexpr = tl.constexpr(3)
-S_SSMAX: tl.constexpr = tl.constexpr(4)
-S_TEMP: tl.constexpr = tl.constexpr(5)
-S_POINTWISE: tl.constexpr = tl.constexpr(6)
+S_SOFTCAP: tl.constexpr = tl.constexpr(SCORE_CODES["softcap"])
+S_ALIBI: tl.constexpr = tl.constexpr(SCORE_CODES["alibi"])
+S_RELBIAS: tl.constexpr = tl.constexpr(SCORE_CODES["relative_bias"])
+S_SSMAX: tl.constexpr = tl.constexpr(SCORE_CODES["ssmax"])
+S_TEMP: tl.constexpr = tl.constexpr(SCORE_CODES["temperature"])
+S_POINTWISE: tl.constexpr = tl.constexpr(SCORE_CODES["pointwise"])
 # normalizers
-N_SOFTMAX: tl.constexpr = tl.constexpr(0)
-N_SIGMOID: tl.constexpr = tl.constexpr(1)
-N_RELU: tl.constexpr = tl.constexpr(2)
-N_RELU2: tl.constexpr = tl.constexpr(3)
-N_NONE: tl.constexpr = tl.constexpr(4)
+N_SOFTMAX: tl.constexpr = tl.constexpr(NORM_CODES["softmax"])
+N_SIGMOID: tl.constexpr = tl.constexpr(NORM_CODES["sigmoid"])
+N_RELU: tl.constexpr = tl.constexpr(NORM_CODES["relu"])
+N_RELU2: tl.constexpr = tl.constexpr(NORM_CODES["relu2"])
+N_NONE: tl.constexpr = tl.constexpr(NORM_CODES["none"])
 
 #: bitmap tile edge (rows and columns) of user-predicate masks
 BITMAP_TILE: tl.constexpr = tl.constexpr(128)

@@ -51,7 +51,7 @@ class MTACall(_sm.Call):
 
     def scores(self, qx, kx, r0, r1, c0, c1, qa, ka):
         kb = ka + kx.shape[2]
-        s = self.dot(qx, kx)  # rows [qa, r1) x keys [ka, kb)
+        s = self.dot(qx, kx, None if self.finite_qk else self.mask_block(qa, r1, ka, kb))  # rows [qa, r1) x [ka, kb)
         s0 = torch.where(self.mask_block(qa, r1, ka, kb), s, torch.zeros((), dtype=s.dtype, device=s.device))
         # zero rows / columns outside the matrix so the window of every output entry is complete
         s0 = F.pad(s0, (self.halo_k[0] - (c0 - ka), self.halo_k[1] - (kb - c1), self.halo_q - (r0 - qa), 0))

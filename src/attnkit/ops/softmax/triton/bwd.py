@@ -19,15 +19,14 @@ then ``g`` flows back through the mod slots, and ``dQ = scale·g·K``, ``dK = sc
 Non-finite values (see :mod:`.fwd`): FULL blocks are unchanged (every pair is visible). In PARTIAL blocks ``w``,
 ``g`` and the per-element parameter gradients are selected to 0 at hidden pairs (the recomputed scores, dP and
 the mods' derivatives may be non-finite there), and the three products that contract over pairs (dV = wᵀ·dO,
-dK = gᵀ·Q, dQ = g·K) go through :func:`.fwd.dot_visible`, so a non-finite dO / q row or k row reaches only the
+dK = gᵀ·Q, dQ = g·K) go through :func:`.mods.dot_visible`, so a non-finite dO / q row or k row reaches only the
 gradients of the pairs that see it.
 """
 import triton
 import triton.language as tl
 
-from .fwd import dot_visible
-from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, load_rows, load_tile, mask_tile, mods_chain, nth_block,
-                   norm_weight, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
+from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, S_RELBIAS, dot_visible, load_rows, load_tile, mask_tile, mods_chain,
+                   nth_block, norm_weight, relbias_bucket_sums, row_counts, row_softmax_stats, score_mod_bwd)
 
 
 @triton.jit

@@ -19,36 +19,8 @@ outputs and for every row of a head whose sink logit is not finite.
 import triton
 import triton.language as tl
 
-from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, load_rows, load_tile, mask_tile, mods_chain, norm_weight, nth_block,
-                   program_rows, row_counts)
-
-
-@triton.jit
-def dot_visible(acc, a, b, vis, MASKED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``acc + a·b`` with the contraction over visible pairs only: ``a [M, K]`` is 0 where ``vis [M, K]`` is False,
-    ``b [K, N]`` may hold non-finite values. FULL blocks (``MASKED`` False): the plain product. PARTIAL blocks: if
-    the tile of ``b`` holds a non-finite value (one reduction of the tile), it is replaced by 0 in the product
-    (a select) and the entries ``(m, n)`` whose sum it reaches through a visible pair become NaN, so a value that
-    only hidden pairs read changes nothing; finite tiles take the plain product."""
-    if MASKED:
-        fin = tl.abs(b) < float("inf")  # False for NaN and ±inf
-        if tl.min(fin.to(tl.int32)) == 0:
-            hit = tl.dot(vis.to(b.dtype), tl.where(fin, 0.0, 1.0).to(b.dtype), input_precision=DOT_PREC,
-                         out_dtype=ACC)
-            acc = tl.dot(a.to(b.dtype), tl.where(fin, b, 0.0).to(b.dtype), acc, input_precision=DOT_PREC,
-                         out_dtype=ACC)
-            acc = tl.where(hit > 0, float("nan"), acc)
-        else:
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    else:
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    return acc
-
-
-@triton.jit
-def nan_for_inf(x):
-    """±inf -> NaN: an output that a non-finite value reaches is NaN (never ±inf)."""
-    return tl.where(tl.abs(x) == float("inf"), float("nan"), x)
+from .mods import (LOG2E, MODE_BITMAP, N_SOFTMAX, dot_visible, load_rows, load_tile, mask_tile, mods_chain,  # noqa: F401
+                   nan_for_inf, norm_weight, nth_block, program_rows, row_counts)
 
 
 @triton.jit

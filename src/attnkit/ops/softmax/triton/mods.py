@@ -148,6 +148,34 @@ def row_softmax_stats(LSE, DELTA, row, row_ok, NORM: tl.constexpr, ACC: tl.const
     return lse2, delta
 
 
+@triton.jit
+def dot_visible(acc, a, b, vis, MASKED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc + a·b`` with the contraction over visible pairs only: ``a [M, K]`` is 0 where ``vis [M, K]`` is False,
+    ``b [K, N]`` may hold non-finite values. FULL blocks (``MASKED`` False): the plain product. PARTIAL blocks: if
+    the tile of ``b`` holds a non-finite value (one reduction of the tile), it is replaced by 0 in the product
+    (a select) and the entries ``(m, n)`` whose sum it reaches through a visible pair become NaN, so a value that
+    only hidden pairs read changes nothing; finite tiles take the plain product."""
+    if MASKED:
+        fin = tl.abs(b) < float("inf")  # False for NaN and ±inf
+        if tl.min(fin.to(tl.int32)) == 0:
+            hit = tl.dot(vis.to(b.dtype), tl.where(fin, 0.0, 1.0).to(b.dtype), input_precision=DOT_PREC,
+                         out_dtype=ACC)
+            acc = tl.dot(a.to(b.dtype), tl.where(fin, b, 0.0).to(b.dtype), acc, input_precision=DOT_PREC,
+                         out_dtype=ACC)
+            acc = tl.where(hit > 0, float("nan"), acc)
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def nan_for_inf(x):
+    """±inf -> NaN: an output that a non-finite value reaches is NaN (never ±inf)."""
+    return tl.where(tl.abs(x) == float("inf"), float("nan"), x)
+
+
 # ---------------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------------
@@ -323,10 +351,10 @@ def norm_weight(s, bias, NORM: tl.constexpr):
         w = 1.0 / (1.0 + tl.exp(-(s + bias)))
         d = w * (1.0 - w)
     elif NORM == N_RELU:
-        w = tl.maximum(s, 0.0)
+        w = tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN on the GPU too
         d = tl.where(s > 0, 1.0, 0.0).to(s.dtype)
     elif NORM == N_RELU2:
-        r = tl.maximum(s, 0.0)
+        r = tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
         w = r * r
         d = 2.0 * r
     else:

@@ -19,12 +19,13 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..catalog.registry import Spec, Variant
+from .calls import TOLERANCE, first, leaves, rel_err
 from .timing import Timing, cpu_peak_supported, measure, peak_memory, sync, time_ms  # noqa: F401 (re-exported)
 
 __all__ = ["sync", "time_ms", "peak_memory", "cpu_peak_supported", "measure", "make_step", "BenchRow", "sweep", "environment",
@@ -38,25 +39,10 @@ OFF_TREND = 1.5
 
 # -- steps ----------------------------------------------------------------------------------------
 
-def _leaves(inputs: Dict[str, Any]) -> List[torch.Tensor]:
-    """Floating tensors of an inputs dict and learnable parameters of its modules."""
-    out = []
-    for v in inputs.values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            out.append(v)
-        elif isinstance(v, torch.nn.Module):
-            out += [p for p in v.parameters() if p.requires_grad]
-    return out
-
-
 def _require_grad(inputs: Dict[str, Any]) -> None:
-    for t in _leaves(inputs):
+    for t in leaves(inputs):
         if not isinstance(t, torch.nn.Parameter):
             t.requires_grad_(True)
-
-
-def first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def step_of(run: Callable[[], torch.Tensor], inputs: Dict[str, Any], backward: bool) -> Callable[[], torch.Tensor]:
@@ -76,7 +62,7 @@ def step_of(run: Callable[[], torch.Tensor], inputs: Dict[str, Any], backward: b
         if g is None or g.shape != out.shape:
             g = grad_holder["g"] = torch.randn_like(out)
         out.backward(g)
-        for t in _leaves(inputs):
+        for t in leaves(inputs):
             t.grad = None
         return out
     return step
@@ -125,8 +111,10 @@ class BenchRow:
         return self.form if self.impl == "attnkit" else self.impl
 
     def set_timing(self, t: Timing) -> None:
+        """The row's samples (6 significant digits, as stored) and the statistics of exactly those samples."""
+        t = replace(t, samples=[float(f"{s:.6g}") for s in t.samples])
         self.ms, self.ms_min, self.ms_q1, self.ms_q3, self.ms_max = t.median, t.min, t.q1, t.q3, t.max
-        self.n, self.samples, self.warmup_calls = t.n, [float(f"{s:.6g}") for s in t.samples], t.warmup_calls
+        self.n, self.samples, self.warmup_calls = t.n, t.samples, t.warmup_calls
         self.flags = list(t.flags)
         self.extra["timer"] = t.method if t.per_sample == 1 else f"{t.method} ({t.per_sample} calls/sample)"
 
@@ -214,10 +202,10 @@ def _plain_softmax(normalizer) -> bool:
 
 def _why_not_sdpa(v: Variant, mask, score_mod, normalizer) -> str:
     if not _plain_softmax(normalizer):
-        return f"SDPA computes plain softmax; {v.name} uses {normalizer!r}"
+        return f"SDPA computes plain softmax; {v.name} uses {type(normalizer).__name__.lower()} normalization"
     if score_mod is not None:
-        return f"SDPA has no score mods; {v.name} adds {score_mod!r}"
-    return f"SDPA takes a full or causal mask (no dense mask tensor); {v.name} needs {mask!r}"
+        return f"SDPA has no score mods; {v.name} adds {type(score_mod).__name__}"
+    return f"SDPA takes a full or causal mask (without a dense mask tensor); {v.name} adds its own mask"
 
 
 def _sdpa_peer(name: str) -> Peer:
@@ -362,6 +350,11 @@ def peer_names(device) -> List[str]:
     return [p.name for p in PEERS if dev in p.devices and not (dev == "cuda" and p.name == "sdpa-math")]
 
 
+#: on a CPU, each compiled FlexAttention shape costs seconds (~6 s of C++ compilation on one core)
+FLEX_CPU_NOTE = ("not timed by default on a CPU where SDPA computes the cell (each compiled FlexAttention shape "
+                 "costs ~6 s); --peers all times it everywhere")
+
+
 # -- the sweep ------------------------------------------------------------------------------------
 
 def _tflops(v: Variant, spec: Spec, mode: str, ms: float) -> Optional[float]:
@@ -392,6 +385,7 @@ class _Opts:
     min_time_s: float
     warmup_max_s: float
     measure_memory: bool
+    flex_everywhere: bool = True
 
 
 def _time_row(row: BenchRow, v: Variant, spec: Spec, step: Callable, o: _Opts) -> None:
@@ -405,7 +399,6 @@ def _time_row(row: BenchRow, v: Variant, spec: Spec, step: Callable, o: _Opts) -
 
 
 def _agree_tol(dtype) -> float:
-    from .check import TOLERANCE
     return 3 * TOLERANCE.get(dtype, 1e-2)
 
 
@@ -461,6 +454,10 @@ class _Cell:
         if peer.name in self.verdict and self.verdict[peer.name][0] != "ok":
             row.status, row.note = self.verdict[peer.name]
             return row
+        if peer.name == "flex" and not o.flex_everywhere and any(
+                n.startswith("sdpa-") and st == "ok" for n, (st, _) in self.verdict.items()):
+            row.status, row.note = "n/a", FLEX_CPU_NOTE
+            return row
         try:
             inputs = self.get_inputs()
             if not backward:  # the forward never sees tensors that require grad (Flex refuses them on CPU)
@@ -469,14 +466,13 @@ class _Cell:
             if isinstance(built, str):
                 row.status, row.note = "n/a", built
                 return row
-            fn, leaves = built
+            fn, own = built
             if peer.name not in self.verdict:  # the first call (a compile for Flex), checked against attnkit
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     out = fn()
                 sync(o.device)
                 row.extra["first_call_s"] = round(time.perf_counter() - t0, 3)
-                from .check import rel_err
                 err = rel_err(out.reshape(self.reference().shape), self.reference())
                 tol = _agree_tol(spec.dtype)
                 self.verdict[peer.name] = ("ok", "") if err <= tol else (
@@ -486,7 +482,7 @@ class _Cell:
                     row.status, row.note = self.verdict[peer.name]
                     return row
             row.backend = peer.name
-            _time_row(row, v, spec, step_of(fn, leaves, backward), o)
+            _time_row(row, v, spec, step_of(fn, own, backward), o)
         except NotImplementedError as e:
             row.status, row.note = "n/a", _err(e)
         except (RuntimeError, ValueError, MemoryError, TypeError, AssertionError) as e:
@@ -499,14 +495,18 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
           dtype=torch.float32, B: int = 1, H: int = 4, Hkv: Optional[int] = None, D: int = 64,
           fwd_only: bool = False, warmup: int = 2, rep: int = 5, min_time_s: float = 0.05,
           warmup_max_s: float = 1.0, measure_memory: bool = True, max_recurrent_T: Optional[int] = None,
-          peers: Union[bool, Sequence[str]] = True,
+          peers: Union[bool, Sequence[str]] = True, flex_everywhere: Optional[bool] = None,
           progress: Optional[Callable[[int, int, str], None]] = None) -> List[BenchRow]:
     """Time every (variant, pattern, length, implementation, mode); cells that cannot run get a row saying why.
 
     ``peers``: True for :func:`peer_names` of the device, False for none, or a list of peer names.
+    ``flex_everywhere``: time FlexAttention also where an SDPA backend computes the cell (default: yes on GPUs and
+    for an explicit peer list; on CPUs with the default peers only where SDPA cannot, see :data:`FLEX_CPU_NOTE`).
     ``max_recurrent_T`` skips token-by-token forms above that length (noted in the row). Off-trend cells are
     re-measured once at the end (first samples kept in ``extra["first_samples"]``).
     """
+    if flex_everywhere is None:
+        flex_everywhere = peers is not True or torch.device(device).type != "cpu"
     if peers is True:
         use = peer_names(device)
     else:
@@ -517,7 +517,7 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
         raise ValueError(f"unknown peers {bad}; known: {list(known)}")
     peer_list = [known[n] for n in use]
     modes = ["fwd"] if fwd_only else ["fwd", "fwd+bwd"]
-    o = _Opts(backend, device, warmup, rep, min_time_s, warmup_max_s, measure_memory)
+    o = _Opts(backend, device, warmup, rep, min_time_s, warmup_max_s, measure_memory, flex_everywhere)
     plan = []  # (variant, pattern, T, [(kind, name, mode)])
     for v in variants:
         for pat in patterns:
@@ -682,20 +682,24 @@ def _cell_text(r: Optional[BenchRow]) -> str:
 
 
 def _not_measured(rows: Sequence[BenchRow]) -> List[str]:
-    """One line per (implementation, reason): where it could not run, in words."""
-    groups: Dict[tuple, Dict[str, List[str]]] = {}
+    """One line per (status, reason): the implementations and where (variant and patterns) it applies."""
+    patterns = list(dict.fromkeys(r.pattern for r in rows))
+    groups: Dict[tuple, Dict[str, Any]] = {}
     for r in rows:
         if r.status == "ok":
             continue
-        key = (r.status, r.label, r.note)
-        groups.setdefault(key, {}).setdefault(r.variant, [])
-        where = f"{r.pattern}" + ("" if r.status == "n/a" else f" T={r.T} {r.mode}")
-        if where not in groups[key][r.variant]:
-            groups[key][r.variant].append(where)
+        g = groups.setdefault((r.status, r.note), {"labels": [], "where": {}})
+        if r.label not in g["labels"]:
+            g["labels"].append(r.label)
+        where = r.pattern if r.status == "n/a" else f"{r.pattern} T={r.T} {r.mode}"
+        w = g["where"].setdefault(r.variant, [])
+        if where not in w:
+            w.append(where)
     lines = []
-    for (status, label, note), by_var in groups.items():
-        names = ", ".join(f"{n} ({', '.join(w)})" for n, w in by_var.items())
-        lines.append(f"{status}: {label} on {names}: {note}")
+    for (status, note), g in groups.items():
+        places = ", ".join(f"{n} ({'all patterns' if len(w) == len(patterns) > 1 else ', '.join(w)})"
+                           for n, w in g["where"].items())
+        lines.append(f"{status}: {', '.join(g['labels'])} on {places}: {note}")
     return lines
 
 
@@ -726,7 +730,8 @@ def pivot_tables(rows: Sequence[BenchRow], max_width: int = 120, title: str = ""
 
 def notes(rows: Sequence[BenchRow]) -> List[str]:
     """Legend, flagged cells and everything that was not measured (with the reason)."""
-    lines = ["cells: median [min-max] ms per call over >= --rep samples after warm-up; ! noisy (max > 2x median), "
+    lines = ["cells: median [min-max] ms per call over >= --rep samples after warm-up (CPU: a sample is the mean of a "
+             "block of calls); ! noisy (max > 2x median), "
              f"~ off-trend (> {OFF_TREND}x a longer length, also when re-measured), ? warm-up never settled"]
     ok = [r for r in rows if r.status == "ok"]
     counts = {f: sum(f in r.flags for r in ok) for f in ("noisy", "off-trend", "unstable")}
@@ -745,8 +750,9 @@ def efficiency_table(eff: Sequence[Dict[str, Any]]) -> Optional[Table]:
     by = {(e["variant"], e["pattern"], e["mode"]): e["text"] for e in eff}
     names = list(dict.fromkeys(e["variant"] for e in eff))
     body = [[n, *(" / ".join(by.get((n, p, m), "-") for m in modes) for p in pats)] for n in names]
-    return Table(f"efficiency length ({' / '.join(modes)}): the T from which the variant's fastest form beats the "
-                 "fastest plain-softmax implementation (CAB)", ["variant", *pats], body)
+    return Table("efficiency length (CAB)", ["variant", *pats], body,
+                 [f"efficiency length ({' / '.join(modes)}): the T from which the variant's fastest attnkit form beats "
+                  "the fastest plain softmax (attnkit or peer) at every longer T; ≈ interpolated, >T never, ≤T always"])
 
 
 WIDE_HEAD = ["variant", "pattern", "T", "mode", "impl", "ran", "median", "min", "q1", "q3", "max", "n", "TF/s",

@@ -11,13 +11,9 @@ import torch
 
 from ..catalog.registry import PATTERNS, Spec, Variant
 from ..ops.utils.tiles import streaming_blocks
-from .bench import _leaves, first
+from .calls import TOLERANCE, first, leaves, rel_err
 
 __all__ = ["CheckRow", "check_variant", "TOLERANCE", "rel_err"]
-
-#: relative-error tolerance ‖x − ref‖ / ‖ref‖ by dtype (reference computed at float64)
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
 
 @dataclass
 class CheckRow:
@@ -31,15 +27,6 @@ class CheckRow:
     tol: float = 0.0
     status: str = "pass"  # pass / FAIL / n/a
     note: str = ""
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖ / ‖ref‖ in float64 (NaN anywhere counts as infinite error)."""
-    x, ref = x.detach().double(), ref.detach().double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def _cast(inputs: Dict[str, Any], dtype) -> Dict[str, Any]:
@@ -57,8 +44,8 @@ def _cast(inputs: Dict[str, Any], dtype) -> Dict[str, Any]:
 
 def _run(variant: Variant, inputs: Dict[str, Any], form: str, backend: str, cot: torch.Tensor):
     out = first(variant.fn(**inputs, form=form, backend=backend))
-    leaves = [t for t in _leaves(inputs) if t.requires_grad]
-    grads = torch.autograd.grad(out, leaves, cot.to(out.dtype), allow_unused=True)
+    wrt = [t for t in leaves(inputs) if t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, cot.to(out.dtype), allow_unused=True)
     return out, grads
 
 

@@ -17,8 +17,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
           "fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: what ``attnkit bench`` runs with no options: about a minute on a 2-core CPU
-DEFAULT_BENCH_VARIANTS = ["softmax", "sigmoid", "alibi", "sliding-window", "gated-deltanet"]
-DEFAULT_BENCH_LENGTHS = [256, 512, 1024]
+DEFAULT_BENCH_VARIANTS = ["softmax", "sliding-window", "sigmoid", "gated-deltanet"]
+DEFAULT_BENCH_LENGTHS = [256, 1024]
 
 
 def _csv(s: str) -> List[str]:
@@ -73,6 +73,12 @@ def _table(head: Sequence[str], body: Sequence[Sequence[str]], markdown: bool) -
 WIDTH = 120
 
 
+def _has_rich() -> bool:
+    """rich draws tables and progress bars; without it the CLI prints the same content as plain text."""
+    import importlib.util
+    return importlib.util.find_spec("rich") is not None
+
+
 def _console(width: Optional[int] = None, stderr: bool = False):
     """A rich Console on stdout (stderr): plain text without colours when not a terminal, ``width`` columns."""
     from rich.console import Console
@@ -91,6 +97,10 @@ def _render(tables, markdown: bool = False, width: Optional[int] = None, wrap: S
             for n in t.notes:
                 print(f"- {n}")
         return
+    if not _has_rich():
+        for t in tables:
+            print("\n".join(([t.title] if t.title else []) + [_table(t.head, t.body, False)] + list(t.notes)))
+        return
     from rich import box
     from rich.table import Table as RichTable
     console = _console(width)
@@ -107,6 +117,9 @@ def _render(tables, markdown: bool = False, width: Optional[int] = None, wrap: S
 
 
 def _print_lines(lines: Sequence[str], width: Optional[int] = None) -> None:
+    if not _has_rich():
+        print("\n".join(lines))
+        return
     console = _console(width)
     for line in lines:
         console.print(line, overflow="fold", markup=False)
@@ -189,14 +202,17 @@ def cmd_check(args) -> int:
 
 class Progress:
     """``progress(n, total, what)`` for :func:`attnkit.tools.bench.sweep`: a live rich bar on a terminal (stderr),
-    one plain line per step otherwise (a log stays line by line)."""
+    plain lines otherwise (a log stays line by line): one per item ``n``, at most one per :attr:`EVERY_S` within
+    an item."""
+
+    EVERY_S = 10.0
 
     def __init__(self, label: str = "bench", quiet: bool = False):
-        from rich.console import Console
         self.quiet, self.label, self.t0 = quiet, label, time.time()
-        self.console = Console(file=sys.stderr)
-        self.bar = None
-        if not quiet and self.console.is_terminal:
+        self.bar, self.last = None, (None, 0.0)
+        if not quiet and _has_rich() and sys.stderr.isatty():
+            from rich.console import Console
+            self.console = Console(file=sys.stderr)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
             from rich.progress import TimeElapsedColumn
             self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -207,8 +223,11 @@ class Progress:
         if self.quiet:
             return
         if self.bar is None:
-            print(f"[{self.label} {min(n + 1, total)}/{total} {time.time() - self.t0:.0f}s] {what}",
-                  file=sys.stderr, flush=True)
+            now = time.time()
+            if n != self.last[0] or now - self.last[1] >= self.EVERY_S:
+                self.last = (n, now)
+                print(f"[{self.label} {min(n + 1, total)}/{total} {now - self.t0:.0f}s] {what}", file=sys.stderr,
+                      flush=True)
             return
         if self.task is None:
             self.bar.start()
@@ -219,17 +238,20 @@ class Progress:
 
 
 def _parse_peers(args, device: str):
+    """``(peer names, flex_everywhere)`` from --peers / --no-peers."""
     from .bench import PEERS, peer_names
     if args.no_peers:
-        return []
-    if args.peers in (None, "all"):
-        return peer_names(device)
+        return [], True
+    if args.peers is None:
+        return True, None
+    if args.peers == "all":
+        return peer_names(device), True
     names = _csv(args.peers)
     known = [p.name for p in PEERS]
     bad = [n for n in names if n not in known]
     if bad:
         raise SystemExit(f"attnkit: unknown peers {bad}; known: {', '.join(known)}")
-    return names
+    return names, True
 
 
 def cmd_bench(args) -> int:
@@ -238,7 +260,7 @@ def cmd_bench(args) -> int:
     names = args.variants or DEFAULT_BENCH_VARIANTS
     vs = _select(names)
     lengths = args.lengths or DEFAULT_BENCH_LENGTHS
-    peers = _parse_peers(args, device)
+    peers, flex_everywhere = _parse_peers(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -247,9 +269,10 @@ def cmd_bench(args) -> int:
                        device=device, dtype=args.dtype, B=args.batch, H=args.heads, Hkv=args.kv_heads, D=args.dim,
                        fwd_only=args.fwd_only, warmup=args.warmup, rep=args.rep, min_time_s=args.min_time,
                        measure_memory=not args.no_memory, max_recurrent_T=args.max_recurrent_T,
-                       peers=peers, progress=Progress("bench", args.quiet))
+                       peers=peers, flex_everywhere=flex_everywhere, progress=Progress("bench", args.quiet))
     env["wall_s"] = round(time.time() - t0, 1)
     config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items() if k != "func"}
+    peers = bench.peer_names(device) if peers is True else peers
     config.update(variants=[v.name for v in vs], lengths=list(lengths), peers=peers)
     out = args.out or f"bench-{env['gpu'] or 'cpu'}-{env['date']}.json".replace(" ", "_")
     eff = bench.efficiency_lengths(rows)
@@ -271,8 +294,9 @@ def cmd_bench(args) -> int:
         _render([eff_table], args.markdown)
     _print_lines(bench.notes(rows))
     bad = [r for r in rows if r.status == "error" and r.impl == "attnkit"]
-    print(f"\nwrote {out} ({len(rows)} rows, {time.time() - t0:.0f}s); `attnkit report {out} -o report.html` "
-          "for plots")
+    print()
+    _print_lines([f"wrote {out} ({len(rows)} rows, {time.time() - t0:.0f}s)",
+                  f"plots: attnkit report {out} -o report.html"])
     return 1 if bad else 0
 
 
@@ -304,7 +328,7 @@ def cmd_mqar(args) -> int:
         torch.set_num_threads(args.threads)
     c = mqar.CONFIGS["smoke" if args.smoke else args.config]
     over = {k: getattr(args, k) for k in ("variants", "d_models", "lrs", "feature_dims", "steps", "batch",
-                                           "train_grid", "test_grid", "n_test", "seed", "dtype", "backend")
+                                           "train_grid", "test_grid", "n_test", "seed", "backend")
             if getattr(args, k) is not None}
     if "variants" in over:
         over["variants"] = tuple(over["variants"])
@@ -325,19 +349,20 @@ def cmd_mqar(args) -> int:
     from .bench import Table
     _render([Table("MQAR accuracy (best learning rate; columns: test cells T x pairs)",
                    ["model", "d", "f", "state", "lr", "acc", *tests], body)], args.markdown)
-    for claim, held, detail in mqar.check_orderings(summary):
-        print(f"{'reproduced' if held else 'not reproduced' if held is False else 'not testable'}: {claim}"
-              + (f" ({detail})" if detail else ""))
     bad = [r for r in cells if r.get("status") != "ok"]
-    for r in bad:
-        print(f"{r.get('status')}: {r.get('variant')} d={r.get('d_model')} lr={r.get('lr')}: {r.get('note')}")
+    _print_lines([f"{'reproduced' if held else 'not reproduced' if held is False else 'not testable'}: {claim}"
+                  + (f" ({detail})" if detail else "") for claim, held, detail in mqar.check_orderings(summary)]
+                 + [f"{r.get('status')}: {r.get('variant')} d={r.get('d_model')} lr={r.get('lr')}: {r.get('note')}"
+                    for r in bad])
     if args.plot:
         from .plots import mqar_accuracy
         plot = mqar_accuracy(summary)
         if plot is not None:
             with open(args.plot, "wb") as f:
                 f.write(plot.png)
-    print(f"\nwrote {out} ({len(cells)} cells, {time.time() - t0:.0f}s); `attnkit report {out} -o report.html`")
+    print()
+    _print_lines([f"wrote {out} ({len(cells)} cells, {time.time() - t0:.0f}s)",
+                  f"report: attnkit report {out} -o report.html"])
     return 1 if bad else 0
 
 
@@ -406,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's choice; 1 on a machine shared with other jobs)")
     pb.add_argument("--peers", nargs="?", const="all", default=None,
-                    help="peers to time on the same inputs (default: all for the device: CPU sdpa-flash, sdpa-math, "
-                         "flex, fla; CUDA sdpa-cudnn/flash/efficient, flex, flash-attn, flashinfer, fla)")
+                    help="peers timed on the same inputs: a list, or 'all' (default: the device's peers: CPU sdpa-flash, "
+                         "sdpa-math, flex where SDPA cannot, fla; CUDA sdpa-cudnn/flash/efficient, flex, flash-attn, "
+                         "flashinfer, fla)")
     pb.add_argument("--no-peers", action="store_true", help="time attnkit only")
     pb.add_argument("--wide", action="store_true", help="every row with every column (min/q1/q3/max, TF/s, MiB, ...)")
     pb.add_argument("--markdown", action="store_true")
@@ -431,7 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--test-grid", type=_grid, default=None, help="e.g. 64x4,...,1024x256")
     pm.add_argument("--n-test", type=int, default=None, help="test sequences per test cell")
     pm.add_argument("--seed", type=int, default=None, help="run seed (default: the file's, else fresh, printed)")
-    pm.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     pm.add_argument("--backend", default=None, help="attnkit backend of the softmax layers (auto, reference)")
     pm.add_argument("--device", default="cpu")
     pm.add_argument("--threads", type=int, default=None)

@@ -23,8 +23,8 @@ per layer) or a hybrid ``a+b`` (layer 0 ``a``, layer 1 ``b``). Softmax-family va
 Training (Zoology's recipe, by steps instead of epochs): AdamW (weight decay 0.1), a cosine schedule to 0, fresh
 examples every step cycling over the training grid, early stop once validation accuracy passes 0.99; a
 learning-rate sweep per model, the best learning rate reported. State size: bytes a model keeps to decode the
-next token after the longest test sequence (KV of the keys its masks let the last query see, in the model's
-dtype; fp32 recurrent states and short-convolution tails), summed over layers.
+next token after the longest test sequence (K and V of the past tokens its masks let the next query see, fp32;
+recurrent states and short-convolution tails), summed over layers.
 
 Runs are deterministic given the run seed (printed, recorded): every cell's data and initialization derive from
 it, and a results file (JSON lines) is extended by reruns, which skip the cells already done.
@@ -221,13 +221,14 @@ def build_model(spec: ModelSpec, vocab: int = VOCAB, backend: str = "auto") -> R
 
 
 def _kv_tokens(layer: nn.Module, T: int) -> int:
-    """Keys a softmax-family layer must keep for the next query after T tokens: the visible keys of the last row."""
+    """Tokens a softmax-family layer must keep cached after T tokens: the past keys (positions 0..T−1) that the
+    next query, at position T, can see (its own key comes with it). Sliding window w: the last w keys."""
     from .. import Spec, masks
     m = masks.causal if getattr(layer, "mask", None) is None else masks.causal & layer.mask
     v = getattr(layer, "variant", None)
     if v is not None:
-        m = m & v.full_mask(Spec(B=1, Hq=1, Hkv=1, Lq=T, Lk=T))
-    return int(m.row_counts(1, 1, T, T)[..., -1].max())
+        m = m & v.full_mask(Spec(B=1, Hq=1, Hkv=1, Lq=T + 1, Lk=T + 1))
+    return int(m.row_counts(1, 1, 1, T, q_offset=T).max())
 
 
 def state_bytes(model: RecallLM, T: int, kv_bytes: int = 4) -> int:
@@ -282,7 +283,6 @@ class MQARConfig:
     window: int = WINDOW
     mlp: bool = False
     conv: bool = True
-    dtype: str = "float32"  # float32, or bfloat16 (autocast; CUDA)
     backend: str = "auto"
     seed: Optional[int] = None
 
@@ -304,14 +304,14 @@ def _feature_map(name: str):
 
 
 #: CI: two models, a few hundred steps on the shortest grid cell (< 1 minute on a 2-core CPU)
-SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(3e-3,), steps=150, batch=32,
+SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(1e-2,), steps=150, batch=32,
                    train_grid=((64, 4),), test_grid=((64, 4), (128, 8)), n_test=64, eval_every=50)
 #: the default CPU sweep (minutes per model): every variant at d_model 64 and 128 on the short grid cells
 DEFAULT = MQARConfig(d_models=(64, 128), lrs=(1e-3, 3e-3), steps=600, batch=64, train_grid=TRAIN_GRID[:2],
                      test_grid=TEST_GRID[:4], n_test=128)
 #: one H200, one 10-minute call: 13 models × 3 widths × 2 learning rates, Zoology's grids (benchmarks/mqar_gpu.py)
-GPU = MQARConfig(d_models=(64, 128, 256), lrs=(1e-3, 3e-3), steps=300, batch=128, n_test=256, eval_every=100,
-                 dtype="bfloat16")
+GPU = MQARConfig(d_models=(64, 128, 256), lrs=(3e-3, 1e-2), feature_dims=(8, 16, 24), steps=800, batch=128,
+                 n_test=256, eval_batch=128, eval_every=200)
 CONFIGS = {"smoke": SMOKE, "default": DEFAULT, "gpu": GPU}
 
 
@@ -319,19 +319,14 @@ def cell_key(spec: ModelSpec, lr: float, c: MQARConfig, seed: int) -> str:
     """What makes a result reusable: model, learning rate, training and test setup, seed."""
     grid = lambda g: ",".join(f"{T}x{n}" for T, n in g)  # noqa: E731
     return (f"{spec.name}|d{spec.d_model}|h{spec.n_heads}|f{spec.feature_dim}|w{spec.window}|mlp{int(spec.mlp)}"
+            f"|conv{int(spec.conv)}"
             f"|lr{lr:.3g}|steps{c.steps}|b{c.batch}|train[{grid(c.train_grid)}]|test[{grid(c.test_grid)}]"
-            f"|n{c.n_test}|V{c.vocab}|{c.dtype}|seed{seed}")
+            f"|n{c.n_test}|V{c.vocab}|seed{seed}")
 
 
 def _derive(seed: int, what: str) -> int:
     """A 63-bit seed for ``what`` derived from the run seed (stable across machines and Python versions)."""
     return (seed * 1_000_003 + zlib.crc32(what.encode())) % (2 ** 63 - 1)
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()
@@ -345,8 +340,7 @@ def evaluate(model: RecallLM, grid: Sequence[Tuple[int, int]], n: int, c: MQARCo
         correct = total = 0
         for i in range(0, n, c.eval_batch):
             ids, labels = mqar_batch(min(c.eval_batch, n - i), T, pairs, c.vocab, generator=g)
-            with _autocast(device, c.dtype):
-                _, ok = model.loss_and_correct(ids.to(device), labels.to(device))
+            _, ok = model.loss_and_correct(ids.to(device), labels.to(device))
             correct += int(ok.sum())
             total += ok.numel()
         out[f"{T}x{pairs}"] = correct / max(total, 1)
@@ -364,8 +358,7 @@ def train_cell(spec: ModelSpec, lr: float, c: MQARConfig, seed: int, device,
                            "lr": lr, "steps": c.steps, "batch": c.batch, "seed": seed}
     torch.manual_seed(_derive(seed, f"init|{spec}"))
     model = build_model(spec, c.vocab, c.backend).to(device)
-    kv = 2 if c.dtype in ("bfloat16", "float16") else 4
-    rec["state_bytes"] = state_bytes(model, max(T for T, _ in c.test_grid), kv)
+    rec["state_bytes"] = state_bytes(model, max(T for T, _ in c.test_grid))
     rec["params"] = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, c.steps) / c.steps)))
@@ -375,8 +368,7 @@ def train_cell(spec: ModelSpec, lr: float, c: MQARConfig, seed: int, device,
     for step in range(1, c.steps + 1):
         T, pairs = c.train_grid[(step - 1) % len(c.train_grid)]
         ids, labels = mqar_batch(c.batch, T, pairs, c.vocab, generator=data)
-        with _autocast(device, c.dtype):
-            loss, _ = model.loss_and_correct(ids.to(device), labels.to(device))
+        loss, _ = model.loss_and_correct(ids.to(device), labels.to(device))
         if not torch.isfinite(loss):
             rec["status"], rec["note"] = "diverged", f"non-finite loss at step {step}"
             break
@@ -427,14 +419,21 @@ def read_results(path: str) -> Dict[str, Any]:
 
 
 def run(c: MQARConfig, out: str, *, device="cpu", budget_s: Optional[float] = None, log=print,
-        progress: Optional[Callable[[int, int, str], None]] = None) -> List[Dict[str, Any]]:
+        progress: Optional[Callable[[int, int, str], None]] = None, prior: Sequence[str] = (),
+        shard: Tuple[int, int] = (0, 1)) -> List[Dict[str, Any]]:
     """Train every cell of ``c`` not yet in ``out`` (JSON lines, appended record by record) and return all of them.
 
-    The seed: ``c.seed``, else the seed of the run already in ``out``, else a fresh one (printed). ``budget_s``:
-    no new cell starts once the next one (estimated from the slowest so far) would pass it; a rerun continues.
+    The seed: ``c.seed``, else the seed of the run already in ``out``, else a fresh one (printed). Cells run
+    smallest models first. ``budget_s``: no new cell starts once the next one (estimated from the slowest so far)
+    would pass it; a rerun continues. ``prior``: more results files whose finished cells are skipped;
+    ``shard=(i, n)``: this process runs every n-th remaining cell from the i-th (several processes, one GPU).
     """
     from .bench import environment
     prev = read_results(out) if os.path.exists(out) else {"runs": [], "cells": []}
+    for path in prior:
+        if os.path.exists(path):
+            more = read_results(path)
+            prev = {"runs": more["runs"] + prev["runs"], "cells": more["cells"] + prev["cells"]}
     seed = c.seed
     if seed is None and prev["runs"]:
         seed = prev["runs"][-1]["seed"]
@@ -444,10 +443,13 @@ def run(c: MQARConfig, out: str, *, device="cpu", budget_s: Optional[float] = No
         log(f"mqar: seed {seed} (fresh; --seed {seed} repeats this run)")
     c = replace(c, seed=seed)
     done = {r["key"]: r for r in prev["cells"] if r.get("status") == "ok"}
-    cells = [(spec, lr, cell_key(spec, lr, c, seed)) for spec, lr in c.cells()]
+    order = {n: i for i, n in enumerate(c.variants)}
+    cells = sorted(((spec, lr, cell_key(spec, lr, c, seed)) for spec, lr in c.cells()),
+                   key=lambda x: (x[0].d_model, x[0].feature_dim, x[1], order[x[0].name]))
     todo = [x for x in cells if x[2] not in done]
     if len(todo) < len(cells):
         log(f"mqar: {len(cells) - len(todo)} of {len(cells)} cells already in {out}; running {len(todo)}")
+    todo = todo[shard[0]::shard[1]]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     header = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": "run", "seed": seed,
               "environment": environment(device), "config": _jsonable(asdict(c))}

@@ -2,7 +2,8 @@
 
 :func:`measure` runs ``fn`` until its call times settle (warm-up), then samples it with
 ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls, every sample kept) or
-``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (accelerator synchronized, all threads), and
+``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (blocks of calls long enough that the timer's overhead
+vanishes, all threads, accelerator synchronized), and
 returns a :class:`Timing`: every sample in milliseconds, min / quartiles / median / max and flags.
 
 :func:`peak_memory` is the peak *extra* memory of one call over what was allocated before it: on CUDA
@@ -45,7 +46,7 @@ class Timing:
     """Samples of one measurement (ms per call) and how they were taken.
 
     ``samples`` are per-call times (CUDA: one call each; CPU: the mean call time of each block of
-    ``per_sample`` calls that ``blocked_autorange`` chose). ``warmup_calls`` untimed calls ran first;
+    up to ``per_sample`` calls that ``blocked_autorange`` chose). ``warmup_calls`` untimed calls ran first;
     ``stable`` says whether their times settled within the warm-up budget.
     """
 
@@ -111,7 +112,7 @@ def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s
             warmup_max_s: float = 2.0, warmup_min_calls: int = 2) -> Timing:
     """Warm ``fn`` up until stable (:func:`warm_up`), then sample it at least ``min_rep`` times and for at least
     ``min_time_s`` seconds: ``triton.testing.do_bench`` on CUDA (every call timed with CUDA events),
-    ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads, accelerator synced)."""
+    ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads, accelerator synchronized)."""
     dev = torch.device(device)
     calls, stable, last_ms = warm_up(fn, dev, min_calls=warmup_min_calls, max_s=warmup_max_s)
     min_rep = max(1, int(min_rep))
@@ -128,11 +129,17 @@ def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s
             return Timing([float(s) for s in samples], calls, stable, "triton.testing.do_bench")
     from torch.utils.benchmark import Timer
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_time_s)
-    samples = [t * 1e3 for t in m.times]
+    # blocked_autorange picks the calls per block (timer overhead <= 1e-4 of a block) and samples blocks for
+    # min_run_time; one more run tops up when the blocks came out longer than the warm-up suggested
+    samples: List[float] = []
+    numbers: List[int] = []
+    run_s = max(min_time_s, min_rep * last_ms * 1e-3)
     while len(samples) < min_rep:
-        samples += [t * 1e3 for t in timer.timeit(m.number_per_run).times]
-    return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", m.number_per_run)
+        m = timer.blocked_autorange(min_run_time=run_s)
+        samples += [t * 1e3 for t in m.times]
+        numbers.append(m.number_per_run)
+        run_s = 1.05 * (min_rep - len(samples)) * m.number_per_run * m.median
+    return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", max(numbers))
 
 
 def time_ms(fn: Callable[[], Any], device="cpu", warmup: int = 2, rep: int = 5, min_time_s: float = 0.0) -> float:
@@ -181,7 +188,7 @@ def peak_memory(fn: Callable[[], Any], device="cpu") -> Optional[int]:
     if not cpu_peak_supported():
         return None
     import gc
-    gc.collect()
+    gc.collect(1)  # the young generations (a full collection of a large heap costs ~0.3 s per call)
     _malloc_trim()  # hand freed heap back to the OS so the baseline is what is really live
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

@@ -131,6 +131,8 @@ def make(name: str, B: int, Hk: int, Hv: int, T: int, D: int, Dv: int, dtype, h0
             S0[..., -1] = 1 + torch.rand(B, H, D, device=DEV, dtype=F64)
         c["initial_state"] = S0
     low = {k_: (v_.to(dtype) if v_ is not None else None) for k_, v_ in c.items()}
+    if name == "retention":  # a per-head decay is a parameter kept in float32: its gradient sums B·T terms
+        low["gate"] = c["gate"].float()
     ref = {k_: (v_.to(F64) if v_ is not None else None) for k_, v_ in low.items()}
     return low, ref
 

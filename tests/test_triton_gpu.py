@@ -476,3 +476,48 @@ def test_differential_deterministic_backward():
         grads.append(torch.autograd.grad(out.float().square().sum(), [q, k, v, lam, sl]))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite values on the GPU (issue 10, defects 4/5): compiled kernels vs the float64 reference on the same inputs
+# ------------------------------------------------------------------------------------------------
+
+def _nonfinite_close(name, a, b, tol):
+    """Same NaN pattern as the float64 reference, no ±inf, and the finite entries within ``tol``."""
+    a, b = a.detach().to(F64), b.detach()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN pattern differs from the reference"
+    assert not torch.isinf(a).any(), f"{name}: ±inf in the kernel's result"
+    fin = torch.isfinite(b)
+    if fin.any() and float(b[fin].norm()) > 0:
+        assert rel(a[fin], b[fin]) <= 2 * tol, f"{name}: rel err {rel(a[fin], b[fin]):.2e} on the finite entries"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask,where", [
+    (M.causal, "last_key"),  # seen by the last row only
+    (M.sliding_window(64), "last_key"),
+    (M.sliding_window(64), "early_value"),  # seen by rows within the window only
+    (M.full, "row_of_q"),  # one query row non-finite: its row only
+])
+def test_nonfinite_values_reach_only_rows_that_see_them(mask, where, dtype):
+    """Outputs and gradients of the compiled kernels (PARTIAL and FULL blocks, L not a multiple of a block) have
+    NaN exactly where the float64 reference has it and match it elsewhere."""
+    B, H, L, D = 1, 2, random.randint(257, 400), 64
+    q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=dtype) for _ in range(3))
+    if where == "last_key":
+        k[..., L - 1, 3] = float("inf")
+        v[..., L - 1, 5] = float("nan")
+    elif where == "early_value":
+        v[..., 7, 1] = float("nan")
+    else:
+        q[..., 11, 2] = float("nan")
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    rs = [t.to(F64).requires_grad_() for t in (q, k, v)]
+    out = attnkit.attention(*xs, mask=mask, backend="triton")
+    assert attnkit.last_backend() == "triton/fused"
+    ref = attnkit.attention(*rs, mask=mask, backend="reference", form="materialized")
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad((out * g.to(dtype)).sum(), xs)
+    gb = torch.autograd.grad((ref * g).sum(), rs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + ga, (ref,) + gb):
+        _nonfinite_close(name, a, b, TOL[dtype])

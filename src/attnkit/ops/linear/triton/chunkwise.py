@@ -394,12 +394,15 @@ def tiles(Dk: int, Dv: int, dtype: torch.dtype, chunk_size: Optional[int], n_seq
     """Interpreter: 16-token chunks and 16-wide Dv tiles (every tile loop runs more than once in the tests).
     GPU: 64-token chunks (the issue's design point); the sequential kernels (state, dh) take Dv tiles of 64, or 32
     when documents × heads leave fewer than ~2 programs per SM of a 132-SM GPU (B = 1, H = 16 at T = 16k);
-    the parallel kernels the whole Dv (≤ 128) for the output, 64 for the gradient."""
+    the parallel kernels the whole Dv (≤ 128) for the output, 64 for the gradient; float32 inputs half those
+    tiles and one pipeline stage (sm_90's 227 KiB of shared memory)."""
     if interpreting():
         C = chunk_size or 16
         return Tiles(C, 16, 16, 16)
     C = chunk_size or 64
     bv_state = min(pow2(Dv), 64 if n_seq_heads * -(-Dv // 64) >= 256 else 32)
+    if dtype.itemsize >= 4:  # float32 tiles: the output kernel's 128-wide Dv tile needs 288 KiB of shared memory
+        return Tiles(C, bv_state, min(pow2(Dv), 64 if Dk <= 128 else 32), min(pow2(Dv), 32), stages=1)
     return Tiles(C, bv_state, min(pow2(Dv), 128 if Dk <= 128 else 64), min(pow2(Dv), 64))
 
 

@@ -271,3 +271,21 @@ def test_streaming_memory_is_linear_in_T():
     if mem is None:
         pytest.skip("peak RSS cannot be measured on this OS")
     assert mem < 96 * 2 ** 20, f"streaming used {mem / 2 ** 20:.0f} MiB"
+
+
+def test_inspect_subcommand_on_a_variant(tmp_path, capsys):
+    """`attnkit inspect VARIANT` writes the maps (PNG) and a summary whose statistics follow their definitions: with
+    the sink and the window spanning all T keys, both shares are 1 on a causal map; entropy within [0, log T]."""
+    T = 16
+    out = tmp_path / "insp"
+    assert main(["inspect", "sliding-window", "--length", str(T), "--sink-tokens", str(T), "--window", str(T),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sliding-window" in text and "summary.json" in text
+    s = json.loads((out / "summary.json").read_text())
+    (row,) = s["layers"]
+    assert row["sink"] == pytest.approx(1.0, abs=1e-5) and row["window"] == pytest.approx(1.0, abs=1e-5)
+    assert 0 < row["entropy"] <= math.log(T)
+    assert s["files"] and all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in s["files"])
+    with pytest.raises(SystemExit, match="neither a model"):
+        main(["inspect", "no-such-variant", "--out", str(tmp_path / "x")])

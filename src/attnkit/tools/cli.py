@@ -1,4 +1,4 @@
-"""``attnkit`` command line: ``list``, ``check``, ``bench`` (the main job), ``mqar`` and ``report``."""
+"""``attnkit`` command line: ``list``, ``check``, ``bench`` (the main job), ``mqar``, ``report`` and ``inspect``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ import torch
 
 from .. import catalog as registry
 from ..catalog import PATTERNS
+from .inspect import add_parser as add_inspect_parser
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -347,8 +348,10 @@ def cmd_mqar(args) -> int:
     body = [[s["variant"], s["d_model"], s.get("feature_dim") or "", mqar._fmt_bytes(s["state_bytes"]), f"{s['lr']:g}",
              f"{s['accuracy']:.3f}", *(f"{s['by_test'].get(t, float('nan')):.2f}" for t in tests)] for s in summary]
     from .bench import Table
-    _render([Table("MQAR accuracy (best learning rate; columns: test cells T x pairs)",
-                   ["model", "d", "f", "state", "lr", "acc", *tests], body)], args.markdown)
+    _render([Table("MQAR accuracy", ["model", "d", "f", "state", "lr", "acc", *tests], body,
+                   ["MQAR: best learning rate per model; acc: mean over the test cells (T x pairs columns); "
+                    "state: bytes kept to decode after the longest test sequence; f: feature dim of Based's map"])],
+            args.markdown)
     bad = [r for r in cells if r.get("status") != "ok"]
     _print_lines([f"{'reproduced' if held else 'not reproduced' if held is False else 'not testable'}: {claim}"
                   + (f" ({detail})" if detail else "") for claim, held, detail in mqar.check_orderings(summary)]
@@ -474,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--png-dir", default=None, help="also write every plot as a PNG into this folder")
     pr.add_argument("--png-prefix", default="", help="file name prefix of those PNGs")
     pr.set_defaults(func=cmd_report)
+
+    add_inspect_parser(sub)
     return p
 
 

@@ -303,9 +303,10 @@ def _feature_map(name: str):
     return getattr(v, "bound", {}).get("feature_map") if v.family == "linear" else None
 
 
-#: CI: two models, a few hundred steps on the shortest grid cell (< 1 minute on a 2-core CPU)
-SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(1e-2,), steps=150, batch=32,
-                   train_grid=((64, 4),), test_grid=((64, 4), (128, 8)), n_test=64, eval_every=50)
+#: CI: the pipeline end to end, two models, 200 steps (~30 s on a 2-core CPU); a vocabulary of 128 so that softmax
+#: attention learns the task within the budget (0.92-0.97 over 3 seeds; at Zoology's 8192 nothing learned in 150)
+SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(1e-2,), steps=200, batch=32,
+                   vocab=128, train_grid=((32, 4),), test_grid=((32, 4), (64, 8)), n_test=64, eval_every=50)
 #: the default CPU sweep (minutes per model): every variant at d_model 64 and 128 on the short grid cells
 DEFAULT = MQARConfig(d_models=(64, 128), lrs=(1e-3, 3e-3), steps=600, batch=64, train_grid=TRAIN_GRID[:2],
                      test_grid=TEST_GRID[:4], n_test=128)

@@ -134,12 +134,13 @@ def test_hybrid_packed_equals_separate():
     torch.testing.assert_close(m(torch.cat(docs, 1), cu_seqlens=cu), torch.cat([m(d) for d in docs], 1))
 
 
-def test_hybrid_model_traces_without_graph_breaks():
-    """torch._dynamo.explain on a tiny hybrid "LA" model (reference backend, the ungated linear rule): one graph,
-    no break anywhere in attnkit.nn, the softmax layer or the linear layer. (Gated rules break the graph today
-    inside the linear op's data-dependent gate / beta value checks, not in the layers.)"""
+@pytest.mark.parametrize("rule", ["linear", "scalar_gate", "gated_delta"])
+def test_hybrid_model_traces_without_graph_breaks(rule):
+    """torch._dynamo.explain on a tiny hybrid "LA" model (reference backend): one graph, no break anywhere in
+    attnkit.nn, the softmax layer (its non-finite check is skipped while tracing: the exact path always) or the
+    linear layer (the gate / beta value checks are skipped while tracing)."""
     torch._dynamo.reset()
-    hyb = HybridLM(HybridConfig(vocab_size=16, d_model=8, n_heads=2, layers="LA", linear_rule="linear",
+    hyb = HybridLM(HybridConfig(vocab_size=16, d_model=8, n_heads=2, layers="LA", linear_rule=rule,
                                 attention={"backend": "reference"}))
     ex = torch._dynamo.explain(hyb)(torch.randint(0, 16, (1, 4)))
     assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason)[:300] for r in ex.break_reasons]

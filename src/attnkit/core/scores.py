@@ -83,8 +83,9 @@ class ScoreMod(nn.Module):
     #: code of the in-kernel twin; 0: none
     kernel_code: int = 0
     #: ``forward`` works on 0-d indices under ``torch.func.vmap`` (the FlexAttention peer calls it that way; a
-    #: ``pointwise`` function must be written so too)
-    vmappable: bool = True
+    #: ``pointwise`` function must be written so too). False for a subclass that does not say so: no peer is
+    #: better than a wrong one
+    vmappable: bool = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -157,6 +158,7 @@ class Softcap(ScoreMod):
     """s' = c · tanh(s / c) (Gemma-2 / Grok logit soft-capping)."""
 
     kind = "softcap"
+    vmappable = True
     kernel_code = 1
 
     def kernel_value(self, H):
@@ -201,6 +203,7 @@ class ALiBi(ScoreMod):
     """s' = s − m_h · |q − kv| with per-head slopes m_h (Press et al., ALiBi)."""
 
     kind = "alibi"
+    vmappable = True
     kernel_code = 2
 
     def kernel_value(self, H):
@@ -266,6 +269,7 @@ class RelativeBias(ScoreMod):
     """s' = s + table[bucket(kv − q), h], a learnable T5 relative-position bias."""
 
     kind = "relative_bias"
+    vmappable = True
     kernel_code = 3
 
     def kernel_learnable(self):
@@ -326,6 +330,7 @@ class SSMax(ScoreMod):
     """s' = s_h · log(n) · s, n = number of keys visible to the query (Scalable-Softmax, Nakanishi 2025)."""
 
     kind = "ssmax"
+    vmappable = True
     kernel_code = 4
     needs_counts = True
 
@@ -361,6 +366,7 @@ class Temperature(ScoreMod):
     """s' = s / τ_h (a scalar or per-head, possibly learnable, temperature)."""
 
     kind = "temperature"
+    vmappable = True
     kernel_code = 5
 
     def kernel_value(self, H):
@@ -395,6 +401,7 @@ class Pointwise(ScoreMod):
     """Any user function ``fn(score, b, h, q, kv) -> score`` (torch ops, broadcasting indices)."""
 
     kind = "pointwise"
+    vmappable = True
     kernel_code = 6  # the kernels call its Triton twin ``triton_fn`` when one is given
 
     def __init__(self, fn: Callable, name: Optional[str] = None, triton_fn=None, params: Sequence[Tensor] = ()):

@@ -3,7 +3,8 @@
 They pick the backend: the fused Triton kernels (:mod:`attnkit.ops.linear.triton`: ``chunk`` for the chunk form,
 ``fused_recurrent`` for the recurrent form and decode steps) where they compute exactly the requested function,
 else the reference forms (:mod:`attnkit.ops.linear.functional`), and record what ran (:func:`attnkit.last_backend`).
-``backend="auto"`` takes the kernels on CUDA and warns once when a CUDA call falls back to the reference;
+``backend="auto"`` takes the kernels on CUDA (on CPU the reference; Triton's interpreter only with
+``backend="triton"``) and warns once when a CUDA call falls back to the reference;
 ``backend="triton"`` raises ValueError naming what the kernels support.
 """
 from __future__ import annotations
@@ -102,7 +103,8 @@ def linear_attention(
               chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, layout=layout, qk_l2norm=qk_l2norm, causal=causal, level_weights=level_weights,
               base=base, query=query, layer_idx=layer_idx, num_layers=num_layers, return_attention=return_attention)
-    if backend != "reference":
+    cpu_auto = backend == "auto" and not (isinstance(q, Tensor) and q.device.type == "cuda")
+    if backend != "reference" and not cpu_auto:  # off CUDA, the interpreter runs only when asked for by name
         why = _why_not_fused(rule, form, causal, return_attention, q, feature_map)
         if not why:
             return _fused(q, k, v, **kw)

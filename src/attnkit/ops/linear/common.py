@@ -47,7 +47,10 @@ def check_shape(name: str, t: Tensor, want: Sequence[int], desc: str) -> None:
 
 
 def check_log_gate(name: str, g: Tensor) -> None:
-    """Log gates must be finite and ≤ 0 (a decay α = exp(g) in (0, 1])."""
+    """Log gates must be finite and ≤ 0 (a decay α = exp(g) in (0, 1]). A value check: one host sync in eager;
+    skipped while torch.compile traces (no sync, no graph break), like the kernels' other value checks."""
+    if torch.compiler.is_compiling():
+        return
     with torch.no_grad():
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"{name} must be finite log decays (≤ 0); found NaN or inf")
@@ -58,7 +61,10 @@ def check_log_gate(name: str, g: Tensor) -> None:
 
 def check_beta(beta: Tensor, lo: float = 0.0, hi: float = 2.0) -> None:
     """β of the delta rules: finite and in [0, 2] (the transition I − β k kᵀ of a unit key is then
-    non-expansive; DeltaNet uses β = sigmoid(·) ∈ (0, 1), Grazzi et al. 2024 extend it to (0, 2))."""
+    non-expansive; DeltaNet uses β = sigmoid(·) ∈ (0, 1), Grazzi et al. 2024 extend it to (0, 2)). Skipped while
+    torch.compile traces, as :func:`check_log_gate`."""
+    if torch.compiler.is_compiling():
+        return
     with torch.no_grad():
         if not bool(torch.isfinite(beta).all()):
             raise ValueError("beta must be finite; found NaN or inf")

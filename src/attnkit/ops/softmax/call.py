@@ -83,7 +83,11 @@ class Call:
                                        kv_offset=kv_offset).to(self.cdtype) if need else None)
 
     def inspect(self, q: Tensor, k: Tensor, v: Tensor) -> None:
-        """Record whether the inputs are all finite (one reduction and host sync per tensor)."""
+        """Record whether the inputs are all finite (one reduction and host sync per tensor). Under
+        torch.compile (no host sync, no data-dependent branch) the exact path is taken unconditionally."""
+        if torch.compiler.is_compiling():
+            self.finite_qk = self.finite_v = False
+            return
         self.finite_qk = bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())
         self.finite_v = bool(torch.isfinite(v).all())
 
@@ -184,7 +188,7 @@ def _sum_visible(a: Tensor, b: Tensor, vis: Tensor) -> Tensor:
     """Values of :func:`sum_visible`."""
     a = torch.where(vis, a, 0)
     bad = ~torch.isfinite(b)
-    if not bool(bad.any()):
+    if not torch.compiler.is_compiling() and not bool(bad.any()):  # compiled: no host sync, the exact path always
         return a @ b
     hit = (vis.to(a.dtype) @ bad.to(a.dtype)) > 0  # a visible pair meets a non-finite b[k, n]
     return torch.where(hit, math.nan, a @ torch.where(bad, 0, b))

@@ -24,20 +24,17 @@ channel (``[B,H,T,Dk]``). A fixed per-head decay is a scalar gate expanded over 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ...utils.tuning import interpreting  # noqa: F401  (one definition for every kernel)
 
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
 #: F.normalize's floor on the norm (q / max(‖q‖, eps))
 L2_EPS = 1e-12
 
 
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pow2(x: int, lo: int = 16) -> int:

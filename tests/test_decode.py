@@ -551,3 +551,25 @@ def test_route_for_attention():
     with torch.no_grad():
         assert route(q.clone().requires_grad_(), k, k, "triton", None, sm, None, None) == "triton"
     assert route(q, k, k, "reference", None, sm, None, None) is None
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize("lse", [False, True])
+def test_attention_routes_decode_calls(layout, lse):
+    """attnkit.attention on a decode-shaped call without gradients runs the decode kernel (recorded as such) and
+    equals the float64 reference: GQA, a sliding window + ALiBi, ragged Lk, both layouts, with and without lse."""
+    from attnkit.dispatch.decode import ROUTE_MIN_K
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, random.randint(1, 3), ROUTE_MIN_K + random.randint(1, 90), 16
+    q = torch.randn(B, Hq, Lq, D, dtype=F64)
+    k, v = torch.randn(B, Hkv, Lk, D, dtype=F64), torch.randn(B, Hkv, Lk, D, dtype=F64)
+    kw = dict(mask=M.sliding_window(100), score_mod=S.alibi(torch.rand(Hq, dtype=F64)))
+    args = (q, k, v) if layout == "bhtd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+    res = attnkit.attention(*args, backend="triton", layout=layout, return_lse=lse, **kw)
+    assert attnkit.last_backend().startswith("triton/decode"), attnkit.last_backend()
+    want = attnkit.attention(q, k, v, backend="reference", form="materialized", return_lse=lse, **kw)
+    out, want_out = (res[0], want[0]) if lse else (res, want)
+    if layout == "bthd":
+        out = out.transpose(1, 2)
+    torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
+    if lse:
+        torch.testing.assert_close(res[1], want[1], rtol=1e-9, atol=1e-9)

@@ -13,6 +13,7 @@ import sys as _sys
 from .core import masks, normalizers, scores
 from .core.record import last_backend, record
 from .dispatch import attention, differential_attention, linear_attention, linear_step, varlen_attention
+from .dispatch.decode import decode_attention
 from .ops.linear import AarenState, LogLinearState
 from .ops.multitoken import multi_token_attention
 from .ops.simplicial import simplicial_attention
@@ -23,6 +24,6 @@ for _name in ("masks", "scores", "normalizers"):
     _sys.modules[f"{__name__}.{_name}"] = globals()[_name]
 
 __version__ = "0.1.0"
-__all__ = ["attention", "varlen_attention", "differential_attention", "multi_token_attention", "simplicial_attention",
+__all__ = ["attention", "varlen_attention", "decode_attention", "differential_attention", "multi_token_attention", "simplicial_attention",
            "linear_attention", "linear_step", "LogLinearState", "AarenState", "last_backend", "record", "masks",
            "scores", "normalizers", "variants", "get_variant", "Variant", "Spec", "__version__"]

@@ -18,6 +18,7 @@ from ..core.validation import (AUTO_DENSE_LIMIT, BACKENDS, FORMS, check_choice, 
                                resolve_scale)
 from ..ops.softmax.reference import run_reference
 from . import backends
+from . import decode as _decode
 
 __all__ = ["attention", "varlen_attention"]
 
@@ -87,6 +88,14 @@ def attention(
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     if backend != "reference" and form in ("auto", "streaming") and not return_weights:
+        via = _decode.route(q, k, v, backend, score_mod, normalizer, positions, deterministic)
+        if via is not None:  # a few query rows over many keys, no gradient: the split-KV decode kernel
+            res = _decode.decode_attention(q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer,
+                                           scale=scale, backend=via, return_lse=return_lse, check=False)
+            out, lse = res if return_lse else (res, None)
+            if layout == "bthd":
+                out = out.transpose(1, 2)
+            return (out, lse) if return_lse else out
         fused = backends.run(backend, q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer, scale=scale,
                              return_lse=return_lse, deterministic=deterministic, positions=positions)
         if fused is not None:

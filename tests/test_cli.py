@@ -15,6 +15,9 @@ from attnkit.catalog import registry
 from attnkit.tools.timing import peak_memory
 from attnkit.tools.cli import main
 from attnkit.catalog import Variant
+from conftest import one_thread
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)  # one intra-op thread per xdist worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,3 +292,15 @@ def test_inspect_subcommand_on_a_variant(tmp_path, capsys):
     assert s["files"] and all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in s["files"])
     with pytest.raises(SystemExit, match="neither a model"):
         main(["inspect", "no-such-variant", "--out", str(tmp_path / "x")])
+
+
+def test_bench_budget_lists_what_was_not_run(tmp_path, capsys):
+    """--budget: no measurement starts after it; every cell left gets a row saying so (here: all of them)."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "--variants", "softmax", "--patterns", "causal-self", "--lengths", "32", "--rep", "1",
+                 "--min-time", "0", "--peers", "sdpa-math", "--budget", "0", "--quiet", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"] + data["peers"]
+    assert rows and all(r["status"] == "n/a" and r["note"] == "not run: --budget 0 s reached" for r in rows)
+    assert {r["form"] for r in data["peers"]} == {"sdpa-math"}
+    assert "not run: --budget 0 s reached" in capsys.readouterr().out

@@ -11,6 +11,9 @@ import torch
 from attnkit.cache import DynamicCache
 from attnkit.tools import mqar as Q
 from attnkit.tools.cli import main
+from conftest import one_thread
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)  # one intra-op thread per xdist worker
 
 
 def fresh_gen():

@@ -16,6 +16,9 @@ from PIL import Image
 from attnkit.catalog import get_variant
 from attnkit.tools import bench, report
 from attnkit.tools.cli import main
+from conftest import one_thread
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)  # one intra-op thread per xdist worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -237,7 +237,7 @@ def _flex_build(v, spec, inputs, backward):
     if backward and q.device.type == "cpu":
         return f"FlexAttention has no backward on CPU (torch {torch.__version__})"
     if not _plain_softmax(normalizer):
-        return f"FlexAttention computes softmax only; {v.name} uses {normalizer!r}"
+        return f"FlexAttention computes softmax only; {v.name} uses {type(normalizer).__name__.lower()} normalization"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"FlexAttention takes float16 / bfloat16 / float32, not {q.dtype}"
     from .peers import flex_call
@@ -496,6 +496,7 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
           fwd_only: bool = False, warmup: int = 2, rep: int = 5, min_time_s: float = 0.05,
           warmup_max_s: float = 1.0, measure_memory: bool = True, max_recurrent_T: Optional[int] = None,
           peers: Union[bool, Sequence[str]] = True, flex_everywhere: Optional[bool] = None,
+          budget_s: Optional[float] = None,
           progress: Optional[Callable[[int, int, str], None]] = None) -> List[BenchRow]:
     """Time every (variant, pattern, length, implementation, mode); cells that cannot run get a row saying why.
 
@@ -503,8 +504,11 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
     ``flex_everywhere``: time FlexAttention also where an SDPA backend computes the cell (default: yes on GPUs and
     for an explicit peer list; on CPUs with the default peers only where SDPA cannot, see :data:`FLEX_CPU_NOTE`).
     ``max_recurrent_T`` skips token-by-token forms above that length (noted in the row). Off-trend cells are
-    re-measured once at the end (first samples kept in ``extra["first_samples"]``).
+    re-measured once at the end (first samples kept in ``extra["first_samples"]``). ``budget_s``: no measurement
+    starts later than this many seconds after the start; the cells left get an n/a row saying so.
     """
+    t_start = time.perf_counter()
+    over = lambda: budget_s is not None and time.perf_counter() - t_start > budget_s  # noqa: E731
     if flex_everywhere is None:
         flex_everywhere = peers is not True or torch.device(device).type != "cpu"
     if peers is True:
@@ -536,11 +540,18 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
         for kind, name, mode in tasks:
             if progress:
                 progress(done, total, f"{v.name} {pat} T={T} {name} {mode}")
-            rows.append(cell.form_row(name, mode, max_recurrent_T) if kind == "form"
-                        else cell.peer_row(known[name], mode))
+            if over():
+                row = cell.row(name, mode, impl="attnkit" if kind == "form" else name)
+                row.status, row.note = "n/a", f"not run: --budget {budget_s:g} s reached"
+                rows.append(row)
+            else:
+                rows.append(cell.form_row(name, mode, max_recurrent_T) if kind == "form"
+                            else cell.peer_row(known[name], mode))
             done += 1
         cell.inputs = cell._ref = None  # free the cell's tensors
     for r in _off_trend(rows):
+        if over():
+            break
         cell = cells[(r.variant, r.pattern, r.T)]
         if progress:
             progress(done, total, f"re-measuring {r.variant} {r.pattern} T={r.T} {r.label} {r.mode}")

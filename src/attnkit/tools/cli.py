@@ -270,7 +270,8 @@ def cmd_bench(args) -> int:
                        device=device, dtype=args.dtype, B=args.batch, H=args.heads, Hkv=args.kv_heads, D=args.dim,
                        fwd_only=args.fwd_only, warmup=args.warmup, rep=args.rep, min_time_s=args.min_time,
                        measure_memory=not args.no_memory, max_recurrent_T=args.max_recurrent_T,
-                       peers=peers, flex_everywhere=flex_everywhere, progress=Progress("bench", args.quiet))
+                       peers=peers, flex_everywhere=flex_everywhere, budget_s=args.budget,
+                       progress=Progress("bench", args.quiet))
     env["wall_s"] = round(time.time() - t0, 1)
     config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items() if k != "func"}
     peers = bench.peer_names(device) if peers is True else peers
@@ -431,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--max-recurrent-T", type=int, default=128,
                     help="time token-by-token forms only up to this length (they are O(T) Python steps)")
     pb.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    pb.add_argument("--budget", type=float, default=None,
+                    help="seconds: start no measurement after this; the cells left are listed as not run")
     pb.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's choice; 1 on a machine shared with other jobs)")
     pb.add_argument("--peers", nargs="?", const="all", default=None,

@@ -310,7 +310,9 @@ SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(
 #: the default CPU sweep (minutes per model): every variant at d_model 64 and 128 on the short grid cells
 DEFAULT = MQARConfig(d_models=(64, 128), lrs=(1e-3, 3e-3), steps=600, batch=64, train_grid=TRAIN_GRID[:2],
                      test_grid=TEST_GRID[:4], n_test=128)
-#: one H200, one 10-minute call: 13 models × 3 widths × 2 learning rates, Zoology's grids (benchmarks/mqar_gpu.py)
+#: one H200, one 10-minute call (benchmarks/mqar_gpu.py, 8 processes): 13 models × 3 widths × 2 learning rates, Based
+#: also at feature dims 8 and 24 (90 cells), Zoology's grids; predicted ~440 s GPU-bound (mqar_gpu.py --estimate),
+#: not yet measured
 GPU = MQARConfig(d_models=(64, 128, 256), lrs=(3e-3, 1e-2), feature_dims=(8, 16, 24), steps=800, batch=128,
                  n_test=256, eval_batch=128, eval_every=200)
 CONFIGS = {"smoke": SMOKE, "default": DEFAULT, "gpu": GPU}

@@ -177,16 +177,16 @@ def _dkdv_block(dk, dv, dk2, k, k2, v, lam, Q, DO, LSE, DELTA, NROWS, CNT, cnt_b
             inv_n[None, :], nbias, tile, MASKP, MASKD, BITS, MODF, RBT, RBL, RB_OFF, GAMMA, HQ, Lq, Lk, scale,
             MASKED, MASK_MODE, MASK_LEAVES, N_LEAVES, MASK_TT, MODS, PW0, PW1, PW2, PW3, NORM, RELAXED, FAST_TANH)
         wT = wT - lam * wT2
-    dv = dot_visible(dv, wT, do, vis, MASKED, ACC, DOT_PREC)
+    dv = dot_visible(dv, wT, do, vis, MASKED, ACC, DOT_PREC, False)
     gT, _, _, _, _, _ = _bwd_grads(dpT, dwT, s0, s1, s2, s3, s4, vis, qpos[None, :], kpos[:, None], b, h,
                                    delta[None, :], logn[None, :], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1, DPW2,
                                    DPW3, NORM, RELAXED)
-    dk = dot_visible(dk, gT, tl.trans(qT), vis, MASKED, ACC, DOT_PREC)
+    dk = dot_visible(dk, gT, tl.trans(qT), vis, MASKED, ACC, DOT_PREC, False)
     if DIFF:  # map 2's dO is −λ·dO: its dP and delta are −λ times map 1's product and the stored sum
         gT2, _, _, _, _, _ = _bwd_grads(dpT * (-lam), dwT2, t0, t1, t2, t3, t4, vis, qpos[None, :], kpos[:, None],
                                         b, h, deltab[None, :] * (-lam), logn[None, :], MODF, HQ, GAMMA, MASKED, MODS,
                                         DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
-        dk2 = dot_visible(dk2, gT2, tl.trans(qT2), vis, MASKED, ACC, DOT_PREC)
+        dk2 = dot_visible(dk2, gT2, tl.trans(qT2), vis, MASKED, ACC, DOT_PREC, False)
     return dk, dv, dk2
 
 
@@ -243,7 +243,7 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
     g, d0, d1, d2, d3, gn = _bwd_grads(dp, dw, s0, s1, s2, s3, s4, vis, qpos[:, None], kpos[None, :], b, h,
                                        delta[:, None], logn[:, None], MODF, HQ, GAMMA, MASKED, MODS, DPW0, DPW1,
                                        DPW2, DPW3, NORM, RELAXED)
-    dq = dot_visible(dq, g, tl.trans(kT), vis, MASKED, ACC, DOT_PREC)
+    dq = dot_visible(dq, g, tl.trans(kT), vis, MASKED, ACC, DOT_PREC, False)
     if PGRAD:
         pacc, rbacc = _param_sums(pacc, rbacc, d0, d1, d2, d3, gn, qpos[:, None], kpos[None, :], RBL, RB_OFF, MODS,
                                   NBP)
@@ -258,7 +258,7 @@ def _dq_block(dq, dq2, pacc, rbacc, q, q2, lam, do, lse2, delta, lse2b, deltab, 
         g2, e0, e1, e2, e3, gn2 = _bwd_grads(dp * (-lam), dw2, t0, t1, t2, t3, t4, vis, qpos[:, None],
                                              kpos[None, :], b, h, deltab[:, None] * (-lam), logn[:, None], MODF, HQ,
                                              GAMMA, MASKED, MODS, DPW0, DPW1, DPW2, DPW3, NORM, RELAXED)
-        dq2 = dot_visible(dq2, g2, tl.trans(kT2), vis, MASKED, ACC, DOT_PREC)
+        dq2 = dot_visible(dq2, g2, tl.trans(kT2), vis, MASKED, ACC, DOT_PREC, False)
         if PGRAD:
             pacc, rbacc = _param_sums(pacc, rbacc, e0, e1, e2, e3, gn2, qpos[:, None], kpos[None, :], RBL, RB_OFF,
                                       MODS, NBP)

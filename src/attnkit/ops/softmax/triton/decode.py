@@ -124,7 +124,7 @@ def _block(acc, m_i, l_i, acc_u, q, j, K, V, TBL, b, hk, h, t, qpos, L, Lq, logn
                                       SCALE_NEG)
         if RELAXED:
             if MASKED:
-                acc_u = dot_visible(acc_u, vis, v, vis, MASKED, ACC, DOT_PREC)
+                acc_u = dot_visible(acc_u, vis, v, vis, MASKED, ACC, DOT_PREC, True)
             else:
                 acc_u += tl.sum(v.to(ACC), 0)[None, :]
     else:
@@ -134,7 +134,7 @@ def _block(acc, m_i, l_i, acc_u, q, j, K, V, TBL, b, hk, h, t, qpos, L, Lq, logn
         w = w * inv_n[:, None]
         if MASKED:
             w = tl.where(vis, w, 0.0)
-        acc = dot_visible(acc, w, v, vis, MASKED, ACC, DOT_PREC)
+        acc = dot_visible(acc, w, v, vis, MASKED, ACC, DOT_PREC, True)
     return acc, m_i, l_i, acc_u
 
 

@@ -51,7 +51,7 @@ def _softmax_step(acc, m_i, l_i, qk, v, vis, qpos, kpos, b, h, logn, MODF, RBT, 
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = dot_visible(acc, p, v, vis, MASKED, ACC, DOT_PREC)
+    acc = dot_visible(acc, p, v, vis, MASKED, ACC, DOT_PREC, True)
     return acc, m_new, l_i
 
 
@@ -93,7 +93,7 @@ def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n,
                                          SCALE_NEG)
         if RELAXED:
             if MASKED:
-                acc_u = dot_visible(acc_u, vis, v, vis, MASKED, ACC, DOT_PREC)
+                acc_u = dot_visible(acc_u, vis, v, vis, MASKED, ACC, DOT_PREC, True)
             else:
                 acc_u += tl.sum(v.to(ACC), 0)[None, :]
     else:
@@ -103,7 +103,7 @@ def _fwd_block(acc, m_i, l_i, acc_u, acc2, m2, l2, q, q2, kbase, vbase, start_n,
         w = w * inv_n[:, None]
         if MASKED:
             w = tl.where(vis, w, 0.0)
-        acc = dot_visible(acc, w, v, vis, MASKED, ACC, DOT_PREC)
+        acc = dot_visible(acc, w, v, vis, MASKED, ACC, DOT_PREC, True)
     return acc, m_i, l_i, acc_u, acc2, m2, l2
 
 

@@ -149,20 +149,32 @@ def row_softmax_stats(LSE, DELTA, row, row_ok, NORM: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
-def dot_visible(acc, a, b, vis, MASKED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dot_finite_part(acc, a, b, vis, fin, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc + a·b₀`` with ``b₀`` = b where finite, else 0; NaN where a visible pair meets a non-finite ``b``."""
+    hit = tl.dot(vis.to(b.dtype), tl.where(fin, 0.0, 1.0).to(b.dtype), input_precision=DOT_PREC, out_dtype=ACC)
+    acc = tl.dot(a.to(b.dtype), tl.where(fin, b, 0.0).to(b.dtype), acc, input_precision=DOT_PREC, out_dtype=ACC)
+    return tl.where(hit > 0, float("nan"), acc)
+
+
+@triton.jit
+def dot_visible(acc, a, b, vis, MASKED: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                TILE_CHECK: tl.constexpr):
     """``acc + a·b`` with the contraction over visible pairs only: ``a [M, K]`` is 0 where ``vis [M, K]`` is False,
     ``b [K, N]`` may hold non-finite values. FULL blocks (``MASKED`` False): the plain product. PARTIAL blocks:
     non-finite entries of ``b`` are replaced by 0 in the product (a select) and the entries ``(m, n)`` whose sum one
     reaches through a visible pair become NaN (a second product ``vis·[b non-finite]``), so a value that only hidden
-    pairs read changes nothing. Branch-free on purpose: a runtime ``if`` around these dots (skip the second product
-    for a finite tile) miscompiled in the sm_90 backward with triton 3.6 (wrong dQ/dK/dV on every PARTIAL block)."""
+    pairs read changes nothing. ``TILE_CHECK``: a runtime ``if`` skips the select and the second product for a
+    finite tile (one reduction). The forward and decode kernels take it; the backward must not: there that ``if``
+    around loop-carried dots miscompiled on sm_90 with triton 3.6 (dQ/dK/dV wrong on every PARTIAL block)."""
     if MASKED:
         fin = tl.abs(b) < float("inf")  # False for NaN and ±inf
-        hit = tl.dot(vis.to(b.dtype), tl.where(fin, 0.0, 1.0).to(b.dtype), input_precision=DOT_PREC,
-                     out_dtype=ACC)
-        acc = tl.dot(a.to(b.dtype), tl.where(fin, b, 0.0).to(b.dtype), acc, input_precision=DOT_PREC,
-                     out_dtype=ACC)
-        acc = tl.where(hit > 0, float("nan"), acc)
+        if TILE_CHECK:
+            if tl.min(fin.to(tl.int32)) == 0:
+                acc = _dot_finite_part(acc, a, b, vis, fin, ACC, DOT_PREC)
+            else:
+                acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        else:
+            acc = _dot_finite_part(acc, a, b, vis, fin, ACC, DOT_PREC)
     else:
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PREC, out_dtype=ACC)
     return acc

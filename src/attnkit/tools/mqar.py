@@ -124,13 +124,14 @@ def mixer(name: str, spec: ModelSpec, layer_idx: int, backend: str = "auto") -> 
     from ..nn import Attention, DiffAttention, LinearAttention, MultiTokenAttention
     d, H = spec.d_model, spec.n_heads
     v = get_variant(name)
-    if name == "sliding-window":
+    canon = v.name.replace("_", "-")  # the catalog's own name, whichever spelling (old or new) the caller used
+    if canon == "sliding-window":
         return Attention(d, H, mask=masks.sliding_window(spec.window), layer_idx=layer_idx, backend=backend)
     if v.family == "softmax" and v.full_mask is not None:
         return Attention(d, H, variant=name, layer_idx=layer_idx, backend=backend)
-    if name == "differential":
+    if canon == "differential":
         return DiffAttention(d, H, layer_idx=layer_idx, backend=backend)
-    if name == "multi-token":
+    if canon == "multi-token":
         return MultiTokenAttention(d, H, layer_idx=layer_idx)
     if v.family == "linear":
         rule, bound = v.rule, dict(v.bound)

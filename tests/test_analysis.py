@@ -228,7 +228,7 @@ def test_linear_implicit_map_statistics_chunkwise(rule, base, extra):
     q, k, kw = _linear_inputs(rule, base, T=T)
     kw.update(extra)
     full = attnkit.linear_attention(q, k, torch.randn(q.shape[0], q.shape[1], T, 3, dtype=F64), form="parallel",
-                                    return_attention=True, **kw)[2]
+                                    return_weights=True, **kw)[2]
     torch.testing.assert_close(linear_map(q, k, **kw), full)
     causal = kw.get("causal", True)
     vis = torch.tril(torch.ones(T, T, dtype=torch.bool)) if causal else torch.ones(T, T, dtype=torch.bool)
@@ -251,7 +251,7 @@ def test_aaren_map_statistics(per_token):
     q = torch.randn(B, H, T, D, dtype=F64) if per_token else None
     if not per_token:
         kw["query"] = torch.randn(H, D, dtype=F64)
-    full = attnkit.linear_attention(q, k, torch.randn(B, H, T, 2, dtype=F64), form="parallel", return_attention=True,
+    full = attnkit.linear_attention(q, k, torch.randn(B, H, T, 2, dtype=F64), form="parallel", return_weights=True,
                                     **kw)[2]
     vis = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]
     st = linear_stats(q, k, sink_tokens=2, window=3, topk=3, chunk=4, block_k=8, **kw)

@@ -218,10 +218,10 @@ def _minilm_gradient_importance(tok, model):
 def test_inspect_writes_pngs_and_summary(tmp_path):
     pytest.importorskip("matplotlib")
     from attnkit.tools.inspect import inspect
-    s = inspect("gated-deltanet", [], tmp_path / "gdn", length=40)
+    s = inspect("gated_delta", [], tmp_path / "gdn", length=40)
     assert {"compare.png", "heads.png"} <= set(s["files"])
     saved = json.loads((tmp_path / "gdn" / "summary.json").read_text())
-    assert saved["layers"][0]["name"] == "gated-deltanet" and 0 <= saved["layers"][0]["window"] <= 1
+    assert saved["layers"][0]["name"] == "gated_delta" and 0 <= saved["layers"][0]["window"] <= 1
     assert "![compare]" in (tmp_path / "gdn" / "summary.md").read_text()
     with pytest.raises(SystemExit, match="neither a model"):
         inspect("no-such-variant", [], tmp_path / "x")

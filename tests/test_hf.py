@@ -78,7 +78,7 @@ def test_registered_names(hf):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     _, names = hf
     assert "attnkit" in names and "attnkit:sigmoid" in names and "attnkit:alibi" in names
-    assert not any(n.endswith((":differential", ":multi-token", ":gated-deltanet")) for n in names)
+    assert not any(n.endswith((":differential", ":multi_token", ":gated_delta", ":multi-token", ":gated-deltanet")) for n in names)
     for n in names:
         assert n in AttentionInterface._global_mapping and n in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 

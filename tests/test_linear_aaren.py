@@ -47,7 +47,7 @@ def test_per_token_queries_equal_causal_softmax(form):
     for key in g_ref:
         assert_rel(g[key], g_ref[key], 1e-10, f"d/d{key}")
     if form == "parallel":
-        o2, _, w = linear_attention(q, k, v, rule="aaren", form="parallel", return_attention=True)
+        o2, _, w = linear_attention(q, k, v, rule="aaren", form="parallel", return_weights=True)
         assert_rel(w.sum(-1), torch.ones_like(w.sum(-1)), 1e-12, "rows sum to 1")
         assert bool((w.triu(1) == 0).all())
 

@@ -51,7 +51,7 @@ def gate(*shape):
     (dict(rule="linear", initial_state=torch.zeros(B, H, D, Dv + 1, dtype=F64)), ValueError,
      "initial_state must have shape"),
     (dict(rule="linear", initial_state=torch.zeros(B, H, D, dtype=F64)), ValueError, "initial_state must be 4-D"),
-    (dict(rule="linear", form="chunk", return_attention=True), ValueError, "return_attention needs form='parallel'"),
+    (dict(rule="linear", form="chunk", return_weights=True), ValueError, "return_weights needs form='parallel'"),
     (dict(rule="linear", query=torch.zeros(H, D)), ValueError, "aaren's learned query"),
     (dict(rule="linear", level_weights=torch.ones(B, H, T, 5, dtype=F64)), ValueError, "belong to rule 'log_linear'"),
 ])
@@ -166,9 +166,9 @@ def test_feature_map_changes_state_width():
 # Registry
 # ------------------------------------------------------------------------------------------------
 
-NAMES = ["linear", "linear-elu", "linear-relu", "linear-favor", "linear-taylor2", "retention", "lightning",
-         "scalar-gate", "gla", "hgrn2", "deltanet", "gated-deltanet", "kda", "log-linear", "log-linear-mamba2",
-         "log-linear-gated-deltanet", "aaren", "aaren-causal"]
+NAMES = ["linear", "linear_elu", "linear_relu", "linear_favor", "linear_taylor2", "retention", "lightning",
+         "scalar_gate", "gla", "hgrn2", "delta", "gated_delta", "kda", "log_linear", "log_linear_scalar_gate",
+         "log_linear_gated_delta", "aaren", "aaren_causal"]
 
 
 def test_every_rule_is_registered():
@@ -214,21 +214,21 @@ def test_unsupported_patterns():
         elif v.rule != "linear":
             assert "causal only" in v.unsupported(full, "chunk")  # incl. aaren (a prefix scan)
         assert "parallel form" in v.unsupported(Spec.for_pattern("causal-self", 4096, Hq=4, Hkv=4), "parallel")
-    assert "O(T³)" in get_variant("log-linear-gated-deltanet").unsupported(Spec(Lq=4096, Lk=4096, Hq=1, Hkv=1),
-                                                                            "parallel")
-    assert "features" in get_variant("linear-taylor2").unsupported(Spec(D=128, Dv=128), "chunk")
+    assert "O(T³)" in get_variant("log_linear_gated_delta").unsupported(Spec(Lq=4096, Lk=4096, Hq=1, Hkv=1),
+                                                                         "parallel")
+    assert "features" in get_variant("linear_taylor2").unsupported(Spec(D=128, Dv=128), "chunk")
 
 
 def test_state_bytes_constant_in_T_except_log_linear_and_kv():
     s1, s2 = Spec(Lq=1024, Lk=1024, D=64, Dv=64), Spec(Lq=4096, Lk=4096, D=64, Dv=64)
     for v in variants("linear"):
-        if v.name in ("log-linear", "log-linear-mamba2", "log-linear-gated-deltanet"):
+        if v.name in ("log_linear", "log_linear_scalar_gate", "log_linear_gated_delta"):
             assert v.state_bytes(s2) == v.state_bytes(s1) * 13 / 11
-        elif v.name == "aaren-causal":  # per-token queries keep a KV cache, not a fixed state
+        elif v.name == "aaren_causal":  # per-token queries keep a KV cache, not a fixed state
             assert v.state_bytes is None and v.cache_bytes_per_token(s2) == v.cache_bytes_per_token(s1) > 0
         else:
             assert v.state_bytes(s2) == v.state_bytes(s1)
-    assert get_variant("gated-deltanet").state_bytes(s1) == 64 * 64 * 4
+    assert get_variant("gated_delta").state_bytes(s1) == 64 * 64 * 4
 
 
 def test_registered_forms_agree_like_attnkit_check():

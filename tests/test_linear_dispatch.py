@@ -92,7 +92,7 @@ def test_linear_step_runs_the_fused_recurrent_kernel():
 @pytest.mark.parametrize("kw,why", [
     (dict(rule="linear", form="parallel"), "form 'parallel'"),
     (dict(rule="linear", causal=False), "causal=False"),
-    (dict(rule="linear", form="parallel", return_attention=True), "form 'parallel'"),
+    (dict(rule="linear", form="parallel", return_weights=True), "form 'parallel'"),
     (dict(rule="aaren"), "rule 'aaren' has no fused kernel"),
 ])
 def test_triton_refuses_what_the_kernels_do_not_compute(kw, why):

@@ -111,7 +111,7 @@ def test_varlen_and_attention_matrix(base):
         oi, si = ll_call(base, sl(c, cu[i], cu[i + 1]), "parallel")
         assert_rel(o[:, :, cu[i]:cu[i + 1]], oi, 1e-10, f"doc {i}")
         assert_rel(st.levels[i:i + 1], si.levels, 1e-10, f"doc {i} levels")
-    o_par, _, M = ll_call(base, c, "parallel", return_attention=True)
+    o_par, _, M = ll_call(base, c, "parallel", return_weights=True)
     _, M_ref, _ = ref_pairwise(base, c["q"], c["k"], c["v"], c["gate"], c["beta"], c["level_weights"])
     assert_rel(M, M_ref, 1e-10, "λ-weighted implicit matrix")
     assert_rel(M @ c["v"], o_par, 1e-10, "M V == o")

@@ -192,11 +192,11 @@ def test_single_token(name):
 
 
 @pytest.mark.parametrize("name", [n for n in RULE_CASES if n != "linear_elu_norm"])
-def test_return_attention_is_the_implicit_matrix(name):
-    """parallel + return_attention gives M with M[t,s] = q_tᵀ A_t⋯A_{s+1} β_s k_s, and o = M V."""
+def test_return_weights_is_the_implicit_matrix(name):
+    """parallel + return_weights gives M with M[t,s] = q_tᵀ A_t⋯A_{s+1} β_s k_s, and o = M V."""
     case = make_case(name, B=1, Hk=1, Hv=2, T=11, D=4, Dv=3, initial_state=False)
     _, M_ref, _ = ref_pairwise(name, case["q"], case["k"], case["v"], case["gate"], case["beta"])
-    o, _, M = call(name, case, "parallel", return_attention=True)
+    o, _, M = call(name, case, "parallel", return_weights=True)
     assert M.shape == (1, 2, 11, 11)
     assert_rel(M, M_ref, 1e-10, "implicit matrix")
     assert_rel(M @ case["v"], o, 1e-10, "M V == o")
@@ -206,7 +206,7 @@ def test_return_attention_is_the_implicit_matrix(name):
 def test_normalized_attention_matrix_rows():
     """Normalized linear attention: the returned matrix is row-normalized (rows sum to ≈ 1 without S_0)."""
     case = make_case("linear_elu_norm", B=1, T=12, D=4, Dv=3, initial_state=False)
-    o, _, M = call("linear_elu_norm", case, "parallel", return_attention=True)
+    o, _, M = call("linear_elu_norm", case, "parallel", return_weights=True)
     assert_rel(M.sum(-1), torch.ones_like(M.sum(-1)), 1e-5, "row sums")
     assert_rel(M @ case["v"], o, 1e-12, "M V == o")
 

@@ -53,7 +53,7 @@ def test_parallel_and_recurrent_forms_with_strong_gates(rule):
         o, S = run(rule, args, kw, form)
         assert bool(torch.isfinite(o).all()) and bool(torch.isfinite(S).all()), form
         assert_rel(o, o64, 1e-4, form)
-    _, _, M = run(rule, args, kw, "parallel", return_attention=True)
+    _, _, M = run(rule, args, kw, "parallel", return_weights=True)
     assert bool(torch.isfinite(M).all())
 
 

@@ -220,7 +220,7 @@ def test_attention_user_mask_and_variants():
     allowed = causal(T, T) & (torch.arange(T)[:, None] - torch.arange(T)[None, :] <= 2)
     assert_close_grads(layer, x, layer, lambda x: ref_attention_layer(layer, x, allowed))
     # a catalog variant with a learnable piece: softmax with a sink logit per head, owned by the layer
-    sink_layer = perturb(Attention(16, 2, variant="softmax-sink").double())
+    sink_layer = perturb(Attention(16, 2, variant="softmax_sink").double())
     sink = sink_layer.normalizer.sink
     assert any(p is sink for p in sink_layer.parameters())
     assert_close_grads(sink_layer, x, sink_layer, lambda x: ref_attention_layer(sink_layer, x, causal(T, T), sink=sink))
@@ -231,7 +231,7 @@ def test_attention_user_mask_and_variants():
     s = q @ k.transpose(-1, -2) / math.sqrt(8)
     want = ref_attention_layer(cap, x, causal(T, T), bias=30 * torch.tanh(s / 30) - s)
     torch.testing.assert_close(cap(x), want)
-    for bad in ("differential", "gated-deltanet"):
+    for bad in ("differential", "gated_delta"):
         with pytest.raises(ValueError, match="Attention"):
             Attention(16, 2, variant=bad)
     with pytest.raises(ValueError, match="not both"):

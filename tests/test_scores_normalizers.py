@@ -215,7 +215,7 @@ def norm_case(name: str, H: int):
         assert p.shape == (H,) and p.requires_grad and torch.equal(p.detach(), torch.zeros(H))
         return n, "sink", {"sink": p}, [p]
     if name == "off-by-one":
-        return random.choice(["softmax_off_by_one", "softmax1", N.softmax_off_by_one()]), "off_by_one", {}, []
+        return random.choice(["softmax_off_by_one", N.softmax_off_by_one()]), "off_by_one", {}, []
     if name == "relaxed":
         g = random.uniform(0.05, 0.9)
         return N.relaxed(g), "relaxed", {"gamma": g}, []

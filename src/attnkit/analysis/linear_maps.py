@@ -1,7 +1,7 @@
 """Implicit attention maps of linear / recurrent rules, chunk by chunk: row statistics and block means at any T.
 
 Every rule of :func:`attnkit.linear_attention` is linear in ``V``: ``o = M V`` (plus the initial-state term,
-left out here as in ``return_attention``), with ``M`` lower triangular. For query chunk ``i`` and an earlier key
+left out here as in ``return_weights``), with ``M`` lower triangular. For query chunk ``i`` and an earlier key
 position ``s`` (per head, ``Φ_c`` the state map of chunk ``c`` without inputs, see ``attnkit.ops.linear.engine``):
 
     M[t, s] = Q_eff,i[t] · X_i[:, s],     X_i = Φ_{i−1} … Φ_{j+1} G_j[:, s]   (s in chunk j < i)
@@ -40,10 +40,10 @@ DEFAULT_CHUNK = 64
 
 
 def linear_map(q: Optional[Tensor], k: Optional[Tensor], **kw) -> Tensor:
-    """The full implicit ``[B, H, T, T]`` map (``linear_attention(..., form="parallel", return_attention=True)``);
+    """The full implicit ``[B, H, T, T]`` map (``linear_attention(..., form="parallel", return_weights=True)``);
     keyword arguments as :func:`attnkit.linear_attention` (``rule=`` required, no ``v`` needed). Small T only."""
     q_, v = _dummy_v(q, k, kw.get("layout", "bhtd"), kw.get("query"))
-    return F_lin.linear_attention(q, k, v, form="parallel", return_attention=True, **kw)[2]
+    return F_lin.linear_attention(q, k, v, form="parallel", return_weights=True, **kw)[2]
 
 
 def linear_stats(q: Optional[Tensor], k: Optional[Tensor], *, sink_tokens: int = 4, window: int = 64, topk: int = 8,
@@ -97,11 +97,13 @@ class _Prepared:
 
     def __init__(self, q, k, kw: dict):
         kw = dict(kw)
-        for bad in ("v", "form", "initial_state", "output_final_state", "cu_seqlens", "return_attention",
-                    "chunk_size", "backend"):
+        for bad in ("v", "form", "initial_state", "output_final_state", "cu_seqlens", "return_weights",
+                    "return_attention", "chunk_size", "backend"):
             if bad in kw:
                 raise TypeError(f"implicit-map statistics take no {bad}= (the map of one sequence from a zero state)")
-        rule = kw.pop("rule", None)
+        rule = F_lin.rule_name(kw.pop("rule", None))
+        if kw.get("base") is not None:
+            kw["base"] = F_lin.rule_name(kw["base"], "base")
         if rule not in F_lin.ALL_RULES:
             raise ValueError(f"rule must be one of {F_lin.ALL_RULES}, got {rule!r}")
         layout = kw.get("layout", "bhtd")

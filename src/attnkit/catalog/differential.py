@@ -37,5 +37,5 @@ _variant = Variant(
     memory="materialized O(Lq·Lk); streaming O(block²); recurrent O(Lk)",
     cache="K,V: (D+Dv)·Hkv values per token (both maps share K's halves and V)",
     cache_bytes_per_token=kv_cache_bytes, flops=_flops, unsupported=_unsupported,
-    tags=("head-structure",), backends=("reference", "triton"), full_mask=None)
+    tags=("head-structure",), backends=("reference", "triton"), full_mask=None, api="differential_attention")
 register(_variant)

@@ -1,6 +1,9 @@
 """Registered variants of the linear family: one per rule × feature map (``attnkit list``, ``check``, ``bench``).
 
-    get_variant("gated-deltanet")(q, k, v, gate=g, beta=b, form="chunk")   # binds rule and qk_l2norm
+    get_variant("gated_delta")(q, k, v, gate=g, beta=b, form="chunk")   # binds rule and qk_l2norm
+
+A variant is named by ``linear_attention``'s own words: the rule, then the feature map or the log-linear base rule
+it binds (``linear_elu``, ``log_linear_scalar_gate``); ``aaren_causal`` is Aaren with per-token queries.
 
 ``make_inputs(spec)`` gives fresh q ``[B,Hq,T,D]``, k ``[B,Hq,T,D]``, v ``[B,Hkv,T,Dv]`` (the state
 has max(Hq, Hkv) heads), log gates, β ∈ (0,1), level weights and a random initial state. Only the
@@ -17,13 +20,13 @@ import torch.nn.functional as F
 from ..ops.linear.common import levels_needed
 from ..ops.linear.feature_maps import as_feature_map
 from ..dispatch.linear import KERNEL_RULES, linear_attention
-from ..ops.linear.functional import RULES, retention_log_decay
+from ..ops.linear.functional import RULE_ALIASES, RULES, retention_log_decay
 from ..ops.utils.tiles import reference_tiles
 from .registry import Spec, Variant, register
 
 LINEAR_FORMS = ("parallel", "chunk", "recurrent")
 #: the parallel forms materialize B·H·T² entries (several such tensors, some float64, in forward and
-#: backward: ~3.5 GB for gated-deltanet at 2^26); above this many they are refused (use chunk)
+#: backward: ~3.5 GB for gated_delta at 2^26); above this many they are refused (use chunk)
 PARALLEL_LIMIT = 1 << 25
 #: log-linear over a delta base builds an explicit T×T transfer matrix in its parallel form: O(T³)
 CUBIC_LIMIT = 2048
@@ -89,10 +92,15 @@ def _make_inputs(rule: str, base: Optional[str], fm, normalize: bool, extra: Dic
     return make
 
 
-def linear_variant(name: str, rule: str, summary: str, paper: str, *, base: Optional[str] = None,
+def linear_variant(rule: str, summary: str, paper: str, *, name: Optional[str] = None, base: Optional[str] = None,
                    feature_map: Optional[str] = None, normalize: bool = False, forms=LINEAR_FORMS,
-                   reference_form: str = "recurrent", **extra) -> Variant:
-    """Build and register one variant of the linear family."""
+                   reference_form: str = "recurrent", aliases=(), **extra) -> Variant:
+    """Build and register one variant of the linear family, named ``rule[_feature_map][_base]`` unless ``name`` is
+    given (log_linear's default base 'linear' adds nothing). ``aliases``: deprecated earlier names; a rule's own
+    deprecated names (``RULE_ALIASES``) are added to the variant named after it."""
+    if name is None:
+        name = "_".join([rule] + [x for x in (feature_map, base) if x not in (None, "linear")])
+    aliases = tuple(aliases) + tuple(old for old, new in RULE_ALIASES.items() if new == name)
     bound = {k: v for k, v in dict(rule=rule, base=base, feature_map=feature_map,
                                     normalize=normalize or None).items() if v is not None}
     delta = rule != "aaren" and RULES[base or rule].delta
@@ -175,54 +183,52 @@ def linear_variant(name: str, rule: str, summary: str, paper: str, *, base: Opti
                 unsupported=unsupported, reference_form=reference_form,
                 cache_bytes_per_token=(lambda s: s.Hkv * (s.D + s.Dv) * torch.finfo(s.dtype).bits / 8)
                 if per_token else None, tags=("linear", rule),
-                backends=("reference", "triton") if rule in KERNEL_RULES else ("reference",))
+                backends=("reference", "triton") if rule in KERNEL_RULES else ("reference",),
+                api="linear_attention", aliases=aliases)
     v.rule, v.bound = rule, dict(bound)
     return register(v)
 
 
 # -- the catalog --------------------------------------------------------------------------------
 
-linear_variant("linear", "linear",
-               "linear attention S_t = S_{t−1} + k_t v_tᵀ, o_t = q_tᵀ S_t (identity map, unnormalized)",
+linear_variant("linear", "linear attention S_t = S_{t−1} + k_t v_tᵀ, o_t = q_tᵀ S_t (identity map, unnormalized)",
                "Katharopoulos et al. 2020, Transformers are RNNs")
-linear_variant("linear-elu", "linear", "normalized linear attention with φ = elu + 1",
-               "Katharopoulos et al. 2020, Transformers are RNNs", feature_map="elu", normalize=True)
-linear_variant("linear-relu", "linear", "normalized linear attention with φ = relu",
+linear_variant("linear", "normalized linear attention with φ = elu + 1",
+               "Katharopoulos et al. 2020, Transformers are RNNs", feature_map="elu", normalize=True,
+               aliases=("linear-elu",))
+linear_variant("linear", "normalized linear attention with φ = relu",
                "ReLU kernel linear attention (e.g. Qin et al. 2022, cosFormer baseline)", feature_map="relu",
-               normalize=True)
-linear_variant("linear-favor", "linear", "normalized linear attention with Performer FAVOR+ positive random features",
-               "Choromanski et al. 2021, Rethinking Attention with Performers", feature_map="favor", normalize=True)
-linear_variant("linear-taylor2", "linear", "normalized linear attention with the 2nd-order Taylor map of exp (Based)",
+               normalize=True, aliases=("linear-relu",))
+linear_variant("linear", "normalized linear attention with Performer FAVOR+ positive random features",
+               "Choromanski et al. 2021, Rethinking Attention with Performers", feature_map="favor", normalize=True,
+               aliases=("linear-favor",))
+linear_variant("linear", "normalized linear attention with the 2nd-order Taylor map of exp (Based)",
                "Arora et al. 2024, Simple linear attention language models balance the recall-throughput tradeoff "
-               "(Based)", feature_map="taylor2", normalize=True)
-linear_variant("retention", "retention", "retention: S_t = γ_h S_{t−1} + k_t v_tᵀ with fixed per-head decays",
+               "(Based)", feature_map="taylor2", normalize=True, aliases=("linear-taylor2",))
+linear_variant("retention", "retention: S_t = γ_h S_{t−1} + k_t v_tᵀ with fixed per-head decays",
                "Sun et al. 2023, Retentive Network (RetNet)")
-linear_variant("lightning", "lightning", "Lightning Attention: fixed decays from ALiBi slopes and layer depth",
+linear_variant("lightning", "Lightning Attention: fixed decays from ALiBi slopes and layer depth",
                "Qin et al. 2024, Lightning Attention-2 / MiniMax-01 (2025)")
-linear_variant("scalar-gate", "scalar_gate", "data-dependent scalar decay per head: S_t = α_t S_{t−1} + k_t v_tᵀ "
-               "(Mamba-2 / SSD)", "Dao & Gu 2024, Transformers are SSMs (Mamba-2)")
-linear_variant("gla", "gla", "gated linear attention: S_t = Diag(α_t) S_{t−1} + k_t v_tᵀ (per-channel decay)",
+linear_variant("scalar_gate", "data-dependent scalar decay per head: S_t = α_t S_{t−1} + k_t v_tᵀ (Mamba-2 / SSD)",
+               "Dao & Gu 2024, Transformers are SSMs (Mamba-2)")
+linear_variant("gla", "gated linear attention: S_t = Diag(α_t) S_{t−1} + k_t v_tᵀ (per-channel decay)",
                "Yang et al. 2024, Gated Linear Attention Transformers with Hardware-Efficient Training")
-linear_variant("hgrn2", "hgrn2", "HGRN2: GLA with keys 1 − α_t (state expansion of a gated linear RNN)",
+linear_variant("hgrn2", "HGRN2: GLA with keys 1 − α_t (state expansion of a gated linear RNN)",
                "Qin et al. 2024, HGRN2: Gated Linear RNNs with State Expansion")
-linear_variant("deltanet", "delta",
-               "delta rule: S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ (L2-normalized q, k)",
+linear_variant("delta", "delta rule: S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ (L2-normalized q, k)",
                "Schlag et al. 2021; Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule")
-linear_variant("gated-deltanet", "gated_delta",
-               "gated delta rule: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ",
+linear_variant("gated_delta", "gated delta rule: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ",
                "Yang, Kautz, Hatamizadeh 2025, Gated Delta Networks: Improving Mamba2 with Delta Rule")
-linear_variant("kda", "kda",
-               "Kimi Delta Attention: S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t−1} + β_t k_t v_tᵀ",
+linear_variant("kda", "Kimi Delta Attention: S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t−1} + β_t k_t v_tᵀ",
                "Kimi Team 2025, Kimi Linear: An Expressive, Efficient Attention Architecture")
-linear_variant("log-linear", "log_linear", "log-linear attention over Fenwick levels (linear attention base)",
+linear_variant("log_linear", "log-linear attention over Fenwick levels (linear attention base)",
                "Guo et al. 2025, Log-Linear Attention", base="linear")
-linear_variant("log-linear-mamba2", "log_linear", "log-linear Mamba-2: Fenwick levels over a scalar-gated state",
-               "Guo et al. 2025, Log-Linear Attention", base="scalar_gate")
-linear_variant("log-linear-gated-deltanet", "log_linear",
-               "log-linear Gated DeltaNet: Fenwick levels over a gated delta state",
-               "Guo et al. 2025, Log-Linear Attention", base="gated_delta")
-linear_variant("aaren", "aaren", "Aaren: softmax attention of a learned query over every prefix, as a prefix-scan RNN",
+linear_variant("log_linear", "log-linear Mamba-2: Fenwick levels over a scalar-gated state",
+               "Guo et al. 2025, Log-Linear Attention", base="scalar_gate", aliases=("log-linear-mamba2",))
+linear_variant("log_linear", "log-linear Gated DeltaNet: Fenwick levels over a gated delta state",
+               "Guo et al. 2025, Log-Linear Attention", base="gated_delta", aliases=("log-linear-gated-deltanet",))
+linear_variant("aaren", "Aaren: softmax attention of a learned query over every prefix, as a prefix-scan RNN",
                "Feng et al. 2024, Attention as an RNN", forms=("parallel", "scan", "chunk", "recurrent"))
-linear_variant("aaren-causal", "aaren", "Aaren with per-token queries = causal softmax attention (prefix view)",
-               "Feng et al. 2024, Attention as an RNN", forms=("parallel", "chunk", "recurrent"),
-               reference_form="parallel", per_token=True)
+linear_variant("aaren", "Aaren with per-token queries = causal softmax attention (prefix view)",
+               "Feng et al. 2024, Attention as an RNN", name="aaren_causal", forms=("parallel", "chunk", "recurrent"),
+               reference_form="parallel", per_token=True, aliases=("aaren-causal",))

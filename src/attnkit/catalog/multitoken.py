@@ -41,7 +41,7 @@ def _unsupported(spec: Spec, form: str) -> Optional[str]:
 
 
 _variant = Variant(
-    name="multi-token", family="softmax",
+    name="multi_token", family="softmax", api="multi_token_attention", aliases=("multi-token",),
     summary=f"softmax over a learned {CQ}x{CK} per-head convolution of the score map, heads mixed in pairs",
     paper="Golovneva et al. 2025, Multi-Token Attention (arXiv:2504.00927)",
     forms=SOFTMAX_FORMS, fn=reference_only(multi_token_attention, "multi-token attention"),

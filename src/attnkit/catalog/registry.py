@@ -4,6 +4,13 @@ A :class:`Variant` is callable (it runs the variant on user tensors) and also kn
 fresh random inputs for a :class:`Spec`, which is what ``attnkit check`` and ``attnkit bench`` use.
 Families register their variants at import time with :func:`register` (the modules of
 :mod:`attnkit.catalog`, imported in a fixed order by the package).
+
+Names. A variant is called by the API's own name for what it adds (``Variant.api`` says where that name lives):
+the normalizer, score mod or mask it puts on softmax attention (``softmax_sink``, ``relative_bias``,
+``sliding_window``), the function it runs (``differential``, ``multi_token``, ``simplicial``), the linear rule,
+then its feature map or base rule (``gated_delta``, ``linear_elu``, ``log_linear_scalar_gate``). Earlier names
+(``gated-deltanet``, ``t5-bias``, ...) stay accepted by :func:`get_variant` with a DeprecationWarning
+(:func:`aliases`).
 """
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Spec", "Variant", "register", "variants", "get_variant", "PATTERNS"]
+from ..core.validation import deprecated_name
+
+__all__ = ["Spec", "Variant", "register", "variants", "get_variant", "aliases", "PATTERNS"]
 
 #: CAB's four patterns: (name, causal, cross). Cross patterns use Lq = Lk / 4.
 PATTERNS = {
@@ -84,6 +93,12 @@ class Variant:
     #: ``pieces(H) -> {"score_mod": ..., "normalizer": ...}``: fresh modules with the paper's initial values for
     #: H query heads (softmax-family variants; layers own them), None where the variant has no such pieces
     pieces: Optional[Callable[[int], Dict[str, Any]]] = None
+    #: where the name comes from in the public API, a path under ``attnkit``: ``"normalizers.softmax_sink"``,
+    #: ``"scores.alibi"``, ``"masks.chunked"``, ``"cache.StreamingLLM"``, ``"differential_attention"``,
+    #: ``"linear_attention"`` (the name is then the rule, plus the feature map or base rule bound)
+    api: str = ""
+    #: earlier names of the variant, still accepted by :func:`get_variant` with a DeprecationWarning
+    aliases: Tuple[str, ...] = ()
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **{**self.call_kwargs(*args, **kwargs), **kwargs})
@@ -108,14 +123,25 @@ class Variant:
 REFERENCE_SPEC = Spec(B=1, Hq=32, Hkv=8, Lq=4096, Lk=4096, D=128, Dv=128, causal=True, dtype=torch.bfloat16)
 
 _REGISTRY: Dict[str, Variant] = {}
+#: deprecated name -> name
+_ALIASES: Dict[str, str] = {}
 
 
 def register(v: Variant) -> Variant:
-    """Add a variant; names are unique."""
-    if v.name in _REGISTRY and _REGISTRY[v.name] is not v:
-        raise ValueError(f"variant {v.name!r} is already registered")
+    """Add a variant; names and aliases are unique."""
+    if v.name in _ALIASES or _REGISTRY.get(v.name, v) is not v:
+        raise ValueError(f"variant {v.name!r} is already registered (as a name or an alias)")
+    for old in v.aliases:
+        if old in _REGISTRY or old == v.name or _ALIASES.get(old, v.name) != v.name:
+            raise ValueError(f"alias {old!r} of variant {v.name!r} is already a name or another variant's alias")
     _REGISTRY[v.name] = v
+    _ALIASES.update({old: v.name for old in v.aliases})
     return v
+
+
+def aliases() -> Dict[str, str]:
+    """Deprecated variant names and the names they stand for (``{"gated-deltanet": "gated_delta", ...}``)."""
+    return dict(_ALIASES)
 
 
 def variants(family: Optional[str] = None) -> List[Variant]:
@@ -124,7 +150,9 @@ def variants(family: Optional[str] = None) -> List[Variant]:
 
 
 def get_variant(name: str) -> Variant:
-    """The variant called ``name``; ValueError listing the known names otherwise."""
+    """The variant called ``name`` (a deprecated alias: with a DeprecationWarning naming the new name); ValueError
+    listing the known names otherwise."""
+    name = deprecated_name("variant", name, _ALIASES)
     if name not in _REGISTRY:
         import difflib
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)

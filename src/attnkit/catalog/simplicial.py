@@ -62,7 +62,7 @@ def _unsupported(spec: Spec, form: str) -> Optional[str]:
 
 
 register(Variant(
-    name="simplicial-2", family="softmax",
+    name="simplicial", family="softmax", api="simplicial_attention", aliases=("simplicial-2",),
     summary=f"trilinear logits q·(k1_j ∘ k2_k) over windows of {WINDOW1} and {WINDOW2} keys, joint softmax",
     paper="Roy et al. 2025, Fast and Simplex: 2-Simplicial Attention in Triton (arXiv:2507.02754); "
           "Clift et al. 2019, Logic and the 2-Simplicial Transformer",

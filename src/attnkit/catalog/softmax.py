@@ -65,13 +65,17 @@ def softmax_variant(name: str, summary: str, paper: str, *,
                     normalizer: Optional[Callable[[int, bool], N.Normalizer]] = None,
                     extra_mask: Optional[Callable[[int], M.Mask]] = None,
                     lookahead: bool = False, cache: str = "K,V: (D+Dv)·Hkv values per token",
-                    tags=()) -> Variant:
+                    tags=(), api: Optional[str] = None, aliases=()) -> Variant:
     """Build and register a softmax-family variant.
 
     ``score_mod(H, random)`` / ``normalizer(H, random)`` build the pieces for H query heads (with
     random learnable parameters when ``random`` is True, for checks); ``extra_mask(Lk)`` is ANDed
     with the caller's mask; ``lookahead`` marks masks that see future keys (no recurrent form).
+    ``name`` is the API's name of the piece the variant adds: ``api`` defaults to ``normalizers.<name>``,
+    ``scores.<name>`` or ``masks.<name>`` after the piece given; ``aliases`` are deprecated earlier names.
     """
+    if api is None:
+        api = f"{'scores' if score_mod else 'masks' if extra_mask and not normalizer else 'normalizers'}.{name}"
     built: Dict[tuple, dict] = {}
 
     def pieces(H: int, random: bool = False) -> dict:
@@ -113,7 +117,7 @@ def softmax_variant(name: str, summary: str, paper: str, *,
         make_inputs=make_inputs, masks="any" if extra_mask is None else f"any & {extra_mask(4096)!r} (at Lk=4096)",
         time="O(B·H·pairs·D)", memory="materialized O(Lq·Lk); streaming O(block²); recurrent O(Lk)",
         cache=cache, cache_bytes_per_token=kv_cache_bytes, flops=flops, unsupported=unsupported, tags=tuple(tags),
-        backends=("reference", "triton"), full_mask=full_mask, pieces=pieces)
+        backends=("reference", "triton"), full_mask=full_mask, pieces=pieces, api=api, aliases=tuple(aliases))
     return register(v)
 
 
@@ -150,12 +154,14 @@ def _window(Lk: int) -> int:
 # -- the catalog --------------------------------------------------------------------------------
 
 softmax_variant("softmax", "scaled dot-product softmax attention", "Vaswani et al. 2017, Attention Is All You Need")
-softmax_variant("softmax-sink", "softmax with a learned per-head sink logit in the denominator",
-                "Xiao et al. 2023 (StreamingLLM) / OpenAI gpt-oss 2025", normalizer=_sink)
-softmax_variant("softmax-off-by-one", "softmax₁: exp(s)/(1+Σexp(s)), an implicit zero logit",
-                "Miller 2023, Attention Is Off By One", normalizer=lambda H, r: N.softmax_off_by_one())
-softmax_variant("relaxed-softmax", "softmax smoothed toward uniform: (1−γ)·softmax + γ/n, γ=0.1",
-                "Relaxed attention (Lohrenz et al. 2021)", normalizer=lambda H, r: N.relaxed(0.1))
+softmax_variant("softmax_sink", "softmax with a learned per-head sink logit in the denominator",
+                "Xiao et al. 2023 (StreamingLLM) / OpenAI gpt-oss 2025", normalizer=_sink, aliases=("softmax-sink",))
+softmax_variant("softmax_off_by_one", "softmax₁: exp(s)/(1+Σexp(s)), an implicit zero logit",
+                "Miller 2023, Attention Is Off By One", normalizer=lambda H, r: N.softmax_off_by_one(),
+                aliases=("softmax-off-by-one",))
+softmax_variant("relaxed", "softmax smoothed toward uniform: (1−γ)·softmax + γ/n, γ=0.1",
+                "Relaxed attention (Lohrenz et al. 2021)", normalizer=lambda H, r: N.relaxed(0.1),
+                aliases=("relaxed-softmax",))
 softmax_variant("sigmoid", "sigmoid(s − log Lk) per key, no normalization across keys",
                 "Ramapuram et al. 2024, Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
                 normalizer=lambda H, r: N.sigmoid())
@@ -163,29 +169,32 @@ softmax_variant("relu", "relu(s)/n over visible keys", "Wortsman et al. 2023, Re
                 normalizer=lambda H, r: N.relu())
 softmax_variant("relu2", "relu(s)²/n over visible keys", "So et al. 2021 (Primer) / ReLU² attention",
                 normalizer=lambda H, r: N.relu2())
-softmax_variant("linear-none", "raw masked scores as weights (no normalizer), for research",
-                "Katharopoulos et al. 2020 (unnormalized linear view)", normalizer=lambda H, r: N.none())
+softmax_variant("none", "raw masked scores as weights (no normalizer), for research",
+                "Katharopoulos et al. 2020 (unnormalized linear view)", normalizer=lambda H, r: N.none(),
+                aliases=("linear-none",))
 softmax_variant("softcap", "softmax over 30·tanh(s/30) (logit soft-capping)", "Gemma 2 (Team 2024) / Grok-1",
                 score_mod=lambda H, r: S.softcap(30.0))
 softmax_variant("alibi", "softmax with ALiBi linear distance bias (standard per-head slopes)",
                 "Press et al. 2022, Train Short, Test Long (ALiBi)", score_mod=_alibi)
-softmax_variant("t5-bias", "softmax with T5 bucketed learnable relative-position bias",
-                "Raffel et al. 2020 (T5)", score_mod=_t5)
+softmax_variant("relative_bias", "softmax with T5 bucketed learnable relative-position bias",
+                "Raffel et al. 2020 (T5)", score_mod=_t5, aliases=("t5-bias",))
 softmax_variant("ssmax", "Scalable-Softmax: scores × s·log(n visible keys)",
                 "Nakanishi 2025, Scalable-Softmax Is Superior for Attention", score_mod=_ssmax)
 softmax_variant("temperature", "softmax with learned per-head temperature s/τ_h",
                 "per-head temperature (e.g. Selective Attention, Zhang et al. 2024)", score_mod=_temperature)
-softmax_variant("sliding-window", "softmax over a sliding window of min(1024, Lk/4) past keys",
+softmax_variant("sliding_window", "softmax over a sliding window of min(1024, Lk/4) past keys",
                 "Beltagy et al. 2020 (Longformer) / Mistral 7B", extra_mask=lambda Lk: M.sliding_window(_window(Lk)),
-                cache="K,V of the last w tokens only")
-softmax_variant("streaming-llm", "sliding window plus 4 attention-sink tokens",
+                cache="K,V of the last w tokens only", aliases=("sliding-window",))
+softmax_variant("streaming_llm", "4 attention-sink tokens plus a sliding window (the mask of cache.StreamingLLM)",
                 "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks",
-                extra_mask=lambda Lk: M.sliding_window(_window(Lk)) | M.sinks(4), cache="K,V of 4 sinks + w recent tokens")
-softmax_variant("block-causal", "chunked mask: bidirectional in blocks of min(64, Lk/8), causal across",
+                extra_mask=lambda Lk: M.sinks(4) | M.sliding_window(_window(Lk)),
+                cache="K,V of 4 sinks + w recent tokens", api="cache.StreamingLLM", aliases=("streaming-llm",))
+softmax_variant("chunked", "chunked mask: bidirectional in blocks of min(64, Lk/8), causal across",
                 "semi-autoregressive / block diffusion LMs (Arriola et al. 2025, Block Diffusion)",
-                extra_mask=lambda Lk: M.chunked(min(64, max(2, Lk // 8))), lookahead=True)
-softmax_variant("prefix-lm", "bidirectional over a prefix of Lk/4 tokens, causal after",
-                "Raffel et al. 2020 (T5 prefix LM) / UniLM", extra_mask=lambda Lk: M.prefix_lm(Lk // 4), lookahead=True)
+                extra_mask=lambda Lk: M.chunked(min(64, max(2, Lk // 8))), lookahead=True, aliases=("block-causal",))
+softmax_variant("prefix_lm", "bidirectional over a prefix of Lk/4 tokens, causal after",
+                "Raffel et al. 2020 (T5 prefix LM) / UniLM", extra_mask=lambda Lk: M.prefix_lm(Lk // 4), lookahead=True,
+                aliases=("prefix-lm",))
 softmax_variant("document", "packed sequences: 8 equal documents, no attention across them",
                 "document masking for packed training (e.g. Krell et al. 2021)",
                 extra_mask=lambda Lk: M.document(cu_seqlens=torch.linspace(0, Lk, 9).round().long()))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .keys import value_key
+from .validation import deprecated_name
 
 __all__ = ["Normalizer", "Softmax", "Elementwise", "Sigmoid", "ReLU", "ReLU2", "NoNorm", "NORM_CODES", "softmax", "softmax_sink", "softmax_off_by_one", "relaxed", "sigmoid",
            "relu", "relu2", "none", "as_normalizer"]
@@ -249,8 +250,10 @@ def none() -> Normalizer:
     return NoNorm()
 
 
-_NAMED = {"softmax": softmax, "softmax_off_by_one": softmax_off_by_one, "softmax1": softmax_off_by_one,
-          "sigmoid": sigmoid, "relu": relu, "relu2": relu2, "none": none}
+_NAMED = {"softmax": softmax, "softmax_off_by_one": softmax_off_by_one, "sigmoid": sigmoid, "relu": relu,
+          "relu2": relu2, "none": none}
+#: deprecated names still accepted by :func:`as_normalizer` (with a DeprecationWarning): old name -> name
+ALIASES = {"softmax1": "softmax_off_by_one"}
 
 
 #: one shared instance per parameter-free name, built at import (not per call, and never inside a compiled region)
@@ -261,6 +264,7 @@ def as_normalizer(n) -> Normalizer:
     if isinstance(n, Normalizer):
         return n
     if isinstance(n, str):
+        n = deprecated_name("normalizer", n, ALIASES)
         if n in _NAMED:  # parameter-free: one shared instance per name (no per-call module construction)
             return _SHARED[n]
         if n in ("softmax_sink", "relaxed"):

@@ -1,8 +1,9 @@
-"""Validation shared by every entry point: q/k/v shapes and dtypes, scale, positions, form names."""
+"""Validation shared by every entry point: q/k/v shapes and dtypes, scale, positions, form names, deprecated names."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import warnings
+from typing import Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -18,6 +19,16 @@ AUTO_DENSE_LIMIT = 1 << 22
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The reference forms compute half-precision inputs in float32 and keep float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def deprecated_name(what: str, name, aliases: Mapping[str, str], stacklevel: int = 3):
+    """``aliases[name]`` (an old name's new one) with a DeprecationWarning naming the new name; else ``name``."""
+    if isinstance(name, str) and name in aliases:
+        new = aliases[name]
+        warnings.warn(f"{what} {name!r} is deprecated: it is now called {new!r}", DeprecationWarning,
+                      stacklevel=stacklevel)
+        return new
+    return name
 
 
 def check_choice(name: str, value, choices) -> str:

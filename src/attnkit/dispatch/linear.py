@@ -27,14 +27,14 @@ __all__ = ["linear_attention", "linear_step", "KERNEL_RULES", "KERNEL_SUPPORTED"
 KERNEL_RULES = ("linear", "retention", "lightning", "scalar_gate", "gla", "hgrn2", "delta", "gated_delta", "kda")
 KERNEL_SUPPORTED = (f"rules {', '.join(KERNEL_RULES)}; forms 'chunk' and 'recurrent' (and linear_step); causal; "
                     "feature dims up to 256; float16 / bfloat16 / float32 on CUDA (float64, float32, float16 under "
-                    "TRITON_INTERPRET=1); no return_attention")
+                    "TRITON_INTERPRET=1); no return_weights")
 #: chunk sizes the kernels take (any other chunk size computes the same function: the kernel default is used)
 KERNEL_CHUNKS = (16, 32, 64)
 
 _warned: set = set()
 
 
-def _why_not_fused(rule: str, form: str, causal: bool, return_attention: bool, q: Optional[Tensor],
+def _why_not_fused(rule: str, form: str, causal: bool, return_weights: bool, q: Optional[Tensor],
                    feature_map) -> str:
     """Why the fused kernels cannot compute this call ("" when they can); cheap checks only."""
     if rule not in KERNEL_RULES:
@@ -43,8 +43,8 @@ def _why_not_fused(rule: str, form: str, causal: bool, return_attention: bool, q
         return f"form {form!r} (the kernels run 'chunk' and 'recurrent')"
     if not causal:
         return "causal=False (bidirectional)"
-    if return_attention:
-        return "return_attention=True (the parallel form builds the matrix)"
+    if return_weights:
+        return "return_weights=True (the parallel form builds the matrix)"
     if q is None or not isinstance(q, Tensor):
         return "q is not a tensor"
     interp = tuning.interpreting()
@@ -88,24 +88,29 @@ def linear_attention(
     query: Optional[Tensor] = None,
     layer_idx: int = 0,
     num_layers: int = 1,
-    return_attention: bool = False,
+    return_weights: Optional[bool] = None,
     backend: str = "auto",
+    return_attention: Optional[bool] = None,
 ):
     """Linear / recurrent attention with a named state rule: ``S_t = A_t S_{t−1} + B_t``, ``o_t = q_tᵀ S_t``.
 
     Every argument as in :func:`attnkit.ops.linear.functional.linear_attention` (the rules, shapes and forms are
     documented there), plus ``backend``: ``'auto'`` (the fused kernels on CUDA where they apply, else the
     reference), ``'triton'`` (the kernels or a ValueError), ``'reference'`` (plain PyTorch, any device and dtype).
-    Returns ``(o, final_state)`` (plus the implicit attention matrix when ``return_attention``).
+    Returns ``(o, final_state)`` (plus the implicit attention matrix when ``return_weights``). ``rule`` may be a
+    deprecated name of ``Fn.RULE_ALIASES`` and ``return_attention`` is the deprecated name of ``return_weights``
+    (DeprecationWarning each; giving both flags is a TypeError).
     """
+    return_weights = Fn.weights_flag(return_weights, return_attention)
+    rule, base = Fn.rule_name(rule), Fn.rule_name(base, "base")
     check_choice("backend", backend, ("auto", "reference", "triton"))
     kw = dict(rule=rule, form=form, gate=gate, beta=beta, feature_map=feature_map, normalize=normalize, scale=scale,
               chunk_size=chunk_size, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, layout=layout, qk_l2norm=qk_l2norm, causal=causal, level_weights=level_weights,
-              base=base, query=query, layer_idx=layer_idx, num_layers=num_layers, return_attention=return_attention)
+              base=base, query=query, layer_idx=layer_idx, num_layers=num_layers, return_weights=return_weights)
     cpu_auto = backend == "auto" and not (isinstance(q, Tensor) and q.device.type == "cuda")
     if backend != "reference" and not cpu_auto:  # off CUDA, the interpreter runs only when asked for by name
-        why = _why_not_fused(rule, form, causal, return_attention, q, feature_map)
+        why = _why_not_fused(rule, form, causal, return_weights, q, feature_map)
         if not why:
             return _fused(q, k, v, **kw)
         if backend == "triton":
@@ -122,7 +127,7 @@ def linear_attention(
 
 def _fused(q, k, v, *, rule, form, gate, beta, feature_map, normalize, scale, chunk_size, initial_state,
            output_final_state, cu_seqlens, layout, qk_l2norm, causal, level_weights, base, query, layer_idx,
-           num_layers, return_attention) -> Tuple[Tensor, Optional[Tensor]]:
+           num_layers, return_weights) -> Tuple[Tensor, Optional[Tensor]]:
     """One call through the kernels, validated as the reference validates it."""
     from ..ops.linear.triton import chunk, fused_recurrent
 

@@ -48,6 +48,7 @@ __all__ = ["context_parallel_linear_attention", "SUPPORTED_RULES"]
 
 RULES = linear_name("RULES")
 NORMALIZE_EPS = linear_name("NORMALIZE_EPS")
+rule_name = linear_name("rule_name")  # a deprecated rule alias -> the rule, with a DeprecationWarning
 SUPPORTED_RULES = tuple(RULES) + ("log_linear", "aaren")
 WHAT = "context_parallel_linear_attention"
 
@@ -110,6 +111,7 @@ def context_parallel_linear_attention(
     whole sequence (per document with ``cu_seqlens``), identical on every rank. Every rank must run backward
     through the call (the gradients pass through a collective).
     """
+    rule, base = rule_name(rule), rule_name(base, "base")
     g = Group.of(group)
     err, sig, local = None, {}, None
     try:

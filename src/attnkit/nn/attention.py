@@ -70,7 +70,7 @@ class Attention(nn.Module):
             n_heads). head_dim: default d_model // n_heads.
         mask, score_mod, normalizer: the variant's pieces (:mod:`attnkit.masks` / ``scores`` / ``normalizers``
             objects or names); the mask is ANDed with causal (``causal=True``) or full.
-        variant: a registered softmax-family variant name (``"alibi"``, ``"softmax-sink"``, ``"ssmax"``, …)
+        variant: a registered softmax-family variant name (``"alibi"``, ``"softmax_sink"``, ``"ssmax"``, …)
             instead of score_mod / normalizer; its learnable pieces become this layer's parameters and any mask
             it adds is built per call (masks sized by the key length follow the keys seen in that call). The
             pieces start from the catalog's own initialization where the catalog exposes ``Variant.pieces``,
@@ -235,8 +235,8 @@ class Attention(nn.Module):
 def _softmax_variant(name: str):
     v = _ops.get_variant(name) if isinstance(name, str) else name
     if getattr(v, "family", None) != "softmax" or getattr(v, "full_mask", None) is None:
-        layers = {"differential": "DiffAttention", "multi-token": "MultiTokenAttention",
-                  "simplicial-2": "SimplicialAttention"}
+        layers = {"differential": "DiffAttention", "multi_token": "MultiTokenAttention",
+                  "simplicial": "SimplicialAttention"}
         hint = layers.get(getattr(v, "name", ""), "LinearAttention" if getattr(v, "family", "") == "linear" else None)
         raise ValueError(f"Attention(variant=...) takes a softmax-family variant that is one attention call "
                          f"(mask, score mod, normalizer); {getattr(v, 'name', v)!r} is not"

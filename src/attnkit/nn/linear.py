@@ -40,8 +40,7 @@ from .norm import GatedRMSNorm, RMSNorm
 
 __all__ = ["LinearAttention", "ShortConv", "LinearState", "RULES"]
 
-RULES = ("linear", "retention", "lightning", "scalar_gate", "gla", "hgrn2", "delta", "gated_delta", "kda",
-         "log_linear", "aaren")
+RULES = _ops.LINEAR_RULES
 _DELTA = ("delta", "gated_delta", "kda")
 _MAMBA_GATE = ("scalar_gate", "gated_delta")
 
@@ -116,6 +115,7 @@ class LinearAttention(nn.Module):
                  gate_rank: int = 16, gate_activation: Optional[str] = None, chunk_size: int = 64, form: str = "chunk", backend: str = "reference",
                  layer_idx: int = 0, num_layers: int = 1, norm_eps: float = 1e-6):
         super().__init__()
+        rule, base = _ops.rule_name(rule), _ops.rule_name(base, "base")
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
         if head_dim is None:

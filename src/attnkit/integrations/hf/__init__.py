@@ -105,13 +105,16 @@ def cache(kv):
 
 
 def _one_call_variants() -> List[str]:
-    return [v.name for v in _ops().catalog("softmax") if getattr(v, "full_mask", None) is not None]
+    """Names of the catalog variants that are one attention call, then their deprecated names (which still run,
+    with a DeprecationWarning naming the new name)."""
+    one = [v for v in _ops().catalog("softmax") if getattr(v, "full_mask", None) is not None]
+    return [v.name for v in one] + [old for v in one for old in getattr(v, "aliases", ())]
 
 
 def register(variants: bool = True) -> List[str]:
-    """Register ``"attnkit"`` (and ``"attnkit:<name>"`` for every catalog variant that is one attention call,
-    when ``variants``) with transformers' attention and mask interfaces; returns the names registered.
-    ImportError naming the extra when transformers is missing."""
+    """Register ``"attnkit"`` (and ``"attnkit:<name>"`` for every catalog variant that is one attention call and
+    for its deprecated names, when ``variants``) with transformers' attention and mask interfaces; returns the
+    names registered. ImportError naming the extra when transformers is missing."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -12,13 +12,13 @@ levels: :mod:`.loglinear`; Aaren's prefix scan: :mod:`.aaren`; feature maps: :mo
 from . import feature_maps
 from .aaren import AarenState
 from .feature_maps import Favor, FeatureMap, as_feature_map
-from .functional import (ALL_RULES, FORMS, LOG_LINEAR_BASES, NORMALIZE_EPS, RULES, lightning_log_decay,
-                         linear_attention, retention_log_decay, step)
+from .functional import (ALL_RULES, FORMS, LOG_LINEAR_BASES, NORMALIZE_EPS, RULE_ALIASES, RULES, lightning_log_decay,
+                         linear_attention, retention_log_decay, rule_name, step)
 from .loglinear import LogLinearState
 
 #: the name under which attnkit re-exports :func:`step` (``attnkit.linear_step``)
 linear_step = step
 
 __all__ = ["linear_attention", "step", "linear_step", "LogLinearState", "AarenState", "FeatureMap", "Favor",
-           "as_feature_map", "feature_maps", "ALL_RULES", "RULES", "FORMS", "LOG_LINEAR_BASES", "NORMALIZE_EPS",
-           "retention_log_decay", "lightning_log_decay"]
+           "as_feature_map", "feature_maps", "ALL_RULES", "RULES", "RULE_ALIASES", "rule_name", "FORMS",
+           "LOG_LINEAR_BASES", "NORMALIZE_EPS", "retention_log_decay", "lightning_log_decay"]

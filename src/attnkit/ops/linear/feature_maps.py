@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FeatureMap", "identity", "elu", "relu", "favor", "taylor2", "Favor", "as_feature_map", "FEATURE_MAPS"]
+from ...core.validation import deprecated_name
+
+__all__ = ["FeatureMap", "identity", "elu", "relu", "favor", "taylor2", "Favor", "as_feature_map", "FEATURE_MAPS",
+           "FEATURE_MAP_ALIASES"]
 
 
 class FeatureMap:
@@ -124,8 +127,9 @@ def favor(num_features: Optional[int] = None, seed: int = 0, orthogonal: bool = 
 
 
 FEATURE_MAPS = {"identity": lambda: identity, "elu": lambda: elu, "relu": lambda: relu,
-                "favor": lambda: Favor(), "taylor2": lambda: taylor2, "taylor": lambda: taylor2,
-                "based": lambda: taylor2}
+                "favor": lambda: Favor(), "taylor2": lambda: taylor2}
+#: deprecated names still accepted (with a DeprecationWarning): old name -> name
+FEATURE_MAP_ALIASES = {"taylor": "taylor2", "based": "taylor2"}
 
 
 def as_feature_map(fm: Union[None, str, FeatureMap]) -> FeatureMap:
@@ -135,6 +139,7 @@ def as_feature_map(fm: Union[None, str, FeatureMap]) -> FeatureMap:
     if isinstance(fm, FeatureMap):
         return fm
     if isinstance(fm, str):
+        fm = deprecated_name("feature_map", fm, FEATURE_MAP_ALIASES)
         if fm not in FEATURE_MAPS:
             raise ValueError(f"unknown feature_map {fm!r}; expected one of {sorted(FEATURE_MAPS)} or a FeatureMap")
         return FEATURE_MAPS[fm]()

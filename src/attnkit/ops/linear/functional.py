@@ -35,6 +35,7 @@ are given per state head. Output ``[B, H, T, Dv]`` in q's dtype and layout; stat
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.scores import alibi_slopes
+from ...core.validation import deprecated_name
 from . import aaren as _aaren
 from . import engine as _engine
 from . import loglinear as _ll
@@ -53,8 +55,8 @@ from .engine import Problem
 from .feature_maps import FeatureMap, as_feature_map
 from .loglinear import LogLinearState
 
-__all__ = ["linear_attention", "step", "RULES", "ALL_RULES", "FORMS", "LOG_LINEAR_BASES", "NORMALIZE_EPS",
-           "retention_log_decay", "lightning_log_decay", "LogLinearState", "AarenState"]
+__all__ = ["linear_attention", "step", "RULES", "ALL_RULES", "RULE_ALIASES", "rule_name", "FORMS", "LOG_LINEAR_BASES",
+           "NORMALIZE_EPS", "retention_log_decay", "lightning_log_decay", "LogLinearState", "AarenState"]
 
 FORMS = ("parallel", "chunk", "recurrent")
 AAREN_FORMS = ("parallel", "scan", "chunk", "recurrent")
@@ -77,6 +79,27 @@ RULES = {r.name: r for r in (
     Rule("delta", "none", True), Rule("gated_delta", "scalar", True), Rule("kda", "channel", True))}
 LOG_LINEAR_BASES = ("linear", "scalar_gate", "gated_delta")
 ALL_RULES = tuple(RULES) + ("log_linear", "aaren")
+#: deprecated rule names (the variant registry's names before it took the rules' own) -> rule; accepted with a
+#: DeprecationWarning wherever a rule is named (``rule=``, log_linear's ``base=``, the layers)
+RULE_ALIASES = {"scalar-gate": "scalar_gate", "deltanet": "delta", "gated-deltanet": "gated_delta",
+                "log-linear": "log_linear"}
+
+
+def rule_name(rule, what: str = "rule"):
+    """``rule`` itself, or the rule a deprecated alias names (with a DeprecationWarning); unknown names pass
+    through for the caller's own check."""
+    return deprecated_name(what, rule, RULE_ALIASES, stacklevel=4)
+
+
+def weights_flag(return_weights: Optional[bool], return_attention: Optional[bool]) -> bool:
+    """``return_weights``, or its deprecated name ``return_attention`` (DeprecationWarning); TypeError for both."""
+    if return_attention is None:
+        return bool(return_weights)
+    if return_weights is not None:
+        raise TypeError("give return_weights= only: return_attention= is its deprecated name, not both")
+    warnings.warn("return_attention= is deprecated: it is now called return_weights= (as in attnkit.attention)",
+                  DeprecationWarning, stacklevel=3)
+    return bool(return_attention)
 
 State = Union[Tensor, LogLinearState, AarenState, None]
 
@@ -349,15 +372,16 @@ def linear_attention(
     query: Optional[Tensor] = None,
     layer_idx: int = 0,
     num_layers: int = 1,
-    return_attention: bool = False,
+    return_weights: Optional[bool] = None,
     backend: str = "reference",
+    return_attention: Optional[bool] = None,
 ):
     """Linear / recurrent attention with a named state rule (see the module docstring for every rule).
 
     Args:
         q, k, v: ``[B, Hk, T, Dk]``, ``[B, Hk, T, Dk]``, ``[B, Hv, T, Dv]`` (``layout="bthd"``:
             ``[B, T, H, D]``). ``k=None`` for hgrn2; ``q=None`` for aaren with a learned ``query``.
-        rule: one of ``ALL_RULES``.
+        rule: one of ``ALL_RULES`` (a deprecated name of ``RULE_ALIASES`` is accepted with a warning).
         form: ``'chunk'`` (chunkwise parallel, O(T) memory), ``'parallel'`` (the T×T matrix),
             ``'recurrent'`` (token by token); aaren also ``'scan'`` (parallel prefix scan).
         gate: log decays (≤ 0): ``[B, H, T]`` (scalar_gate, gated_delta), ``[B, H, T, Dk]`` (gla,
@@ -382,14 +406,18 @@ def linear_attention(
         base: log_linear's base rule, one of ``LOG_LINEAR_BASES`` (default 'linear').
         query: aaren's learned query ``[H, Dk]`` or ``[B, H, Dk]`` (else per-token ``q``).
         layer_idx, num_layers: lightning's layer depth (default decays).
-        return_attention: also return the implicit ``[B, H, T, T]`` attention matrix (parallel
-            form; excludes the initial-state term; O(T³) for delta rules).
+        return_weights: also return the implicit ``[B, H, T, T]`` attention matrix (parallel
+            form; excludes the initial-state term; O(T³) for delta rules). Default False.
         backend: 'reference' (plain PyTorch autograd; 'auto' is the same here: the fused kernels are chosen by
             :func:`attnkit.linear_attention`, which calls this for what they do not cover).
+        return_attention: deprecated name of ``return_weights`` (giving both is a TypeError).
 
     Returns:
-        ``(o, final_state)``, plus the attention matrix when ``return_attention``.
+        ``(o, final_state)``, plus the attention matrix when ``return_weights``.
     """
+    return_weights = weights_flag(return_weights, return_attention)
+    rule = rule_name(rule)
+    base = rule_name(base, "base")
     if backend not in ("reference", "auto"):
         raise ValueError(f"linear_attention has backend 'reference' (or 'auto'), got {backend!r}")
     if layout not in LAYOUTS:
@@ -399,15 +427,15 @@ def linear_attention(
     forms = AAREN_FORMS if rule == "aaren" else FORMS
     if form not in forms:
         raise ValueError(f"form must be one of {forms} for rule {rule!r}, got {form!r}")
-    if return_attention and form != "parallel":
-        raise ValueError(f"return_attention needs form='parallel' (the form that builds the matrix), got {form!r}")
+    if return_weights and form != "parallel":
+        raise ValueError(f"return_weights needs form='parallel' (the form that builds the matrix), got {form!r}")
     _check_chunk_size(chunk_size)
     if rule == "aaren":
         if gate is not None or beta is not None or level_weights is not None or feature_map is not None or normalize:
             raise ValueError("aaren takes no gate, beta, level_weights, feature_map or normalize")
         return _run_aaren(q, k, v, query=query, form=form, scale=scale, chunk_size=chunk_size,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          cu_seqlens=cu_seqlens, layout=layout, causal=causal, return_attention=return_attention)
+                          cu_seqlens=cu_seqlens, layout=layout, causal=causal, return_weights=return_weights)
     if query is not None:
         raise ValueError(f"query= is aaren's learned query; rule {rule!r} takes per-token q")
     log_linear = rule == "log_linear"
@@ -453,7 +481,7 @@ def linear_attention(
                 o, lv = _ll.recurrent(pp, levels, pos0)
             else:
                 o, lv = _ll.chunked(pp, levels, pos0, chunk_size if form == "chunk" else None)
-            at = _ll.attention_matrix(pp, pos0) if return_attention else None
+            at = _ll.attention_matrix(pp, pos0) if return_weights else None
             return o, LogLinearState(lv, position + Tn), at
     else:
         init = _check_state(initial_state, n_states, H, Dk, Dv_state, cd, p.q.device, normalize)
@@ -461,19 +489,19 @@ def linear_attention(
         def run(pp: Problem, S: Tensor):
             if not causal:
                 o, S = _engine.bidirectional(pp, S, form)
-                at = pp.q @ pp.k.transpose(-1, -2) if return_attention else None
+                at = pp.q @ pp.k.transpose(-1, -2) if return_weights else None
                 return o, S, at
             if form == "recurrent":
                 o, S = _engine.recurrent(pp, S)
             else:
                 o, S = _engine.chunked(pp, S, chunk_size if form == "chunk" else None)
-            return o, S, (_engine.attention_matrix(pp) if return_attention else None)
+            return o, S, (_engine.attention_matrix(pp) if return_weights else None)
 
     if cu is None:
         o, final, attn = run(p, init)
     else:
         o, final, attns = _per_document(run, lambda a, b: _slice(p, a, b), init, cu)
-        attn = None if not return_attention else _block_diag(attns, cu, T)
+        attn = None if not return_weights else _block_diag(attns, cu, T)
     if normalize:
         den = o[..., -1:] + NORMALIZE_EPS
         o = o[..., :-1] / den
@@ -483,7 +511,7 @@ def linear_attention(
     if layout == "bthd":
         o = o.transpose(1, 2)
     final = final if output_final_state else None
-    return (o, final, attn) if return_attention else (o, final)
+    return (o, final, attn) if return_weights else (o, final)
 
 
 def _block_diag(attns, cu, T):
@@ -519,7 +547,7 @@ def _check_loglinear_state(st, n: int, H: int, L: int, Dk: int, Dv: int, cd, dev
 
 
 def _run_aaren(q, k, v, *, query, form, scale, chunk_size, initial_state, output_final_state, cu_seqlens, layout,
-               causal, return_attention):
+               causal, return_weights):
     if not causal:
         raise ValueError("aaren is causal only (a prefix scan); use attnkit.attention for bidirectional softmax")
     check_tensor("k", k, 4, "[B, Hkv, T, Dk]")
@@ -549,22 +577,22 @@ def _run_aaren(q, k, v, *, query, form, scale, chunk_size, initial_state, output
             raise ValueError(f"q {tuple(q.shape)} must match k {tuple(k.shape)} in batch, length and Dk, with a "
                              f"multiple of its heads")
         args = lambda a, b: (q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
-        one = lambda a, b: _aaren.per_token(*args(a, b), sc, form, return_attention)
+        one = lambda a, b: _aaren.per_token(*args(a, b), sc, form, return_weights)
         if form == "scan":
             raise ValueError("form='scan' is for a learned query (per-token queries: parallel, chunk, recurrent)")
         if cu is None:
             res = one(0, T)
-            o, attn = res if return_attention else (res, None)
+            o, attn = res if return_weights else (res, None)
         else:
             parts = [one(a, b) for a, b in zip(cu, cu[1:])]
-            if return_attention:
+            if return_weights:
                 o = torch.cat([x[0] for x in parts], 2)
                 attn = _block_diag([x[1] for x in parts], cu, T)
             else:
                 o, attn = torch.cat(parts, 2), None
         o = o.to(k.dtype)
         o = o.transpose(1, 2) if layout == "bthd" else o
-        return (o, None, attn) if return_attention else (o, None)
+        return (o, None, attn) if return_weights else (o, None)
 
     if not isinstance(query, Tensor) or query.dim() not in (2, 3) or query.shape[-1] != D:
         raise ValueError(f"aaren query must be [H, Dk] or [B, H, Dk] with Dk={D}, got "
@@ -593,11 +621,11 @@ def _run_aaren(q, k, v, *, query, form, scale, chunk_size, initial_state, output
         o, final, attn = run((0, T), init)
     else:
         o, final, attns = _per_document(run, lambda a, b: (a, b), init, cu)
-        attn = _block_diag(attns, cu, T) if return_attention else None
+        attn = _block_diag(attns, cu, T) if return_weights else None
     o = o.to(k.dtype)
     o = o.transpose(1, 2) if layout == "bthd" else o
     final = final if output_final_state else None
-    return (o, final, attn) if return_attention else (o, final)
+    return (o, final, attn) if return_weights else (o, final)
 
 
 def _check_aaren_state(st, n: int, H: int, Dv: int, cd, device) -> AarenState:
@@ -635,6 +663,7 @@ def step(
     """
     if "layout" in kwargs or "form" in kwargs or "cu_seqlens" in kwargs:
         raise TypeError("step() takes one token in [B, H, D]; layout, form and cu_seqlens do not apply")
+    rule, base = rule_name(rule), rule_name(base, "base")
     gate_kind = RULES[base or "linear"].gate if rule == "log_linear" else RULES[rule].gate if rule in RULES else "none"
 
     def tok(name, t, ndim, desc):

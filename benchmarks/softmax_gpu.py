@@ -676,7 +676,7 @@ def dry_run(args) -> None:
     print(f"{len(todo)} cells ({len(done & set(todo))} done in --resume files), order {args.order}; "
           f"{per_cell:.0f} s per cell ({basis}) + {ASSUMED_START_S:.0f} s start-up per call", flush=True)
     print(f"{'#':>4} {'tier':>4} {'D':>4} {'T':>6} {'pattern':22s} {'B':>3} {'density':>8} {'est s':>6} {'cum s':>7}")
-    cum, cut, density = ASSUMED_START_S, None, {}
+    call, in_call, cum, density = 1, 0.0, 0.0, {}
     for n, (D, T, pat) in enumerate(todo):
         B = max(1, args.tokens // T)
         if (pat, T) not in density:
@@ -686,17 +686,18 @@ def dry_run(args) -> None:
             print(f"{n:4d} {'':>4} {D:4d} {T:6d} {pat:22s} {B:3d} {density[pat, T]:8.4f}   done")
             continue
         tier = issue19_priority((D, T, pat), args.patterns)[0] if args.order == "issue19" else ""
-        if cut is None and cum - ASSUMED_START_S > args.budget_s:
-            cut = n
-            print(f"---- --budget-s {args.budget_s:.0f} stops here (estimate) ----")
-        cum += per_cell
+        if in_call > args.budget_s:  # no cell starts after the budget: the next call (--resume) begins here
+            call, in_call = call + 1, 0.0
+            print(f"---- --budget-s {args.budget_s:.0f}: call {call} (--resume the earlier ones) starts here ----")
+        in_call += per_cell
+        cum += per_cell + (ASSUMED_START_S if in_call == per_cell else 0.0)
         note = " (= causal at this T)" if same_as_causal(pat, T) else ""
         print(f"{n:4d} {tier!s:>4} {D:4d} {T:6d} {pat:22s} {B:3d} {density[pat, T]:8.4f} {per_cell:6.0f} "
               f"{cum:7.0f}{note}")
     left = len([c for c in todo if c not in done])
-    calls = math.ceil(left * per_cell / max(1.0, min(args.budget_s, 1e6)))
-    print(f"estimate: {left} cells, {left * per_cell / 60:.0f} min of cells; with --budget-s {args.budget_s:.0f}: "
-          f"about {calls} call(s) of {args.budget_s + ASSUMED_START_S + per_cell:.0f} s at most each", flush=True)
+    print(f"estimate: {left} cells, {left * per_cell / 60:.0f} min of cells, {cum / 60:.0f} min with start-ups; "
+          f"with --budget-s {args.budget_s:.0f}: {call} call(s) of at most "
+          f"~{args.budget_s + ASSUMED_START_S + per_cell:.0f} s each", flush=True)
     lay = {p: {T: layout(p, T) for T in args.T} for p in args.patterns if layout(p, args.T[0]) is not None}
     for p, by_T in lay.items():
         for T, cu in by_T.items():

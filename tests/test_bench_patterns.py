@@ -6,8 +6,8 @@ window width; explicit loops over rows), three ways: attnkit's mask object eleme
 ``mask_mod`` (the same object through :func:`attnkit.tools.peers.flex_mods`, evaluated as Flex does: nested vmap,
 0-d int32 indices; and Flex's own ``create_block_mask``), and the attention it defines (attnkit's reference and the
 Triton kernels in the interpreter, eager Flex on the CPU, all against softmax over the dense mask, outputs and
-gradients; Flex forward only, it has no CPU backward). Layouts: reproducible (pinned values), summing to T, the promised shapes; the preset, its order, resume
-and the merged markdown on the CPU.
+gradients; Flex forward only, it has no CPU backward). Layouts: reproducible (pinned values), summing to T, the
+promised shapes. The preset, its order, resume, the measuring loop (--cpu-smoke) and the merged markdown on the CPU.
 """
 from __future__ import annotations
 
@@ -306,7 +306,8 @@ def test_help_and_dry_run(capsys):
     G.main(["--grid", "issue19", "--dry-run", "--T", "256", "512", "--budget-s", "100"])
     out = capsys.readouterr().out
     assert "52 cells (0 done in --resume files), order issue19" in out
-    assert "--budget-s 100 stops here" in out and "(= causal at this T)" in out
+    assert "--budget-s 100: call 2 (--resume the earlier ones) starts here" in out
+    assert "(= causal at this T)" in out
     assert "layout docs_longtail_s0 T=512: 12 documents" in out
     lines = [ln.split() for ln in out.splitlines() if ln[:4].strip().isdigit()]
     assert len(lines) == 52 and lines[0][2:5] == ["128", "256", "docs_unequal_s0"]

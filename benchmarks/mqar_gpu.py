@@ -146,8 +146,8 @@ def step_flops(cfg: Q.MQARConfig, spec: Q.ModelSpec, T: int, pairs: int) -> floa
     layer_params = _LAYER_PARAMS[spec]
     fwd = 2.0 * layer_params * cfg.batch * T + 2.0 * cfg.batch * pairs * spec.d_model * cfg.vocab
     for part in spec.layer_names():
-        if part in ("softmax", "sigmoid", "sliding-window"):
-            keys = min(T, cfg.window + 1) if part == "sliding-window" else T
+        if part in ("softmax", "sigmoid", "sliding_window"):
+            keys = min(T, cfg.window + 1) if part == "sliding_window" else T
             fwd += 4.0 * cfg.batch * T * keys * spec.d_model
     return 3.0 * fwd
 
@@ -189,7 +189,7 @@ def main() -> int:
     cfg = Q.GPU if a.steps is None else replace(Q.GPU, steps=a.steps)
     device = "cuda"
     if a.cpu_smoke:
-        cfg = replace(cfg, variants=("softmax", "gated-deltanet", "gated-deltanet+softmax"), d_models=(32,),
+        cfg = replace(cfg, variants=("softmax", "gated_delta", "gated_delta+softmax"), d_models=(32,),
                       feature_dims=(16,), steps=4, batch=4, train_grid=((64, 4),), test_grid=((64, 4), (128, 8)),
                       n_test=8, eval_every=2)
         device, a.workers = "cpu", 2

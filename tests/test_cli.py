@@ -31,6 +31,20 @@ def test_list_shows_at_least_12_softmax_variants(capsys):
         assert r["forms"] and r["paper"] and r["summary"]
 
 
+def test_list_json_shows_api_and_earlier_names(capsys):
+    """`attnkit list --json`: each variant's place in the API and its earlier names; every deprecated name of the
+    catalog appears once, under the variant it resolves to."""
+    from attnkit.catalog import aliases
+    assert main(["list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for r in rows:
+        v = registry.get_variant(r["name"])
+        assert r["api"] == v.api and r["api"] and r["aliases"] == list(v.aliases)
+    listed = {old: r["name"] for r in rows for old in r["aliases"]}
+    assert sum(len(r["aliases"]) for r in rows) == len(listed) and listed == aliases()
+    assert listed["gated-deltanet"] == "gated_delta" and listed["sliding-window"] == "sliding_window"
+
+
 def test_list_text_and_markdown(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
@@ -97,7 +111,7 @@ def test_bench_cpu_peers_spread_and_width(tmp_path, capsys):
     """On a CPU, every run times SDPA next to attnkit (same inputs, outputs checked against attnkit's), keeps every
     sample with min/median/max, and says where a peer cannot compute a cell; the text fits 120 columns."""
     out = tmp_path / "p.json"
-    rc = main(["bench", "--variants", "softmax,sigmoid,gated-deltanet", "--patterns", "causal-self,cross",
+    rc = main(["bench", "--variants", "softmax,sigmoid,gated_delta", "--patterns", "causal-self,cross",
                "--lengths", "32,48", "--rep", "3", "--min-time", "0", "--peers", "sdpa-math,sdpa-flash,fla",
                "--out", str(out)])
     cap = capsys.readouterr()
@@ -117,7 +131,7 @@ def test_bench_cpu_peers_spread_and_width(tmp_path, capsys):
     assert sig and all(p["status"] == "n/a" and "softmax" in p["note"] for p in sig)
     fla = [p for p in peers if p["form"] == "fla"]
     assert fla and all(p["status"] == "n/a" and p["note"] for p in fla)
-    assert {p["variant"] for p in fla} == {"gated-deltanet"}
+    assert {p["variant"] for p in fla} == {"gated_delta"}
     assert all(len(line) <= 120 for line in cap.out.splitlines()), max(cap.out.splitlines(), key=len)
     assert re.search(r"^n/a: (sdpa-\w+, )*sdpa-math(, sdpa-\w+)* on sigmoid \(all patterns\): SDPA computes plain "
                      r"softmax", cap.out, re.M), cap.out
@@ -165,8 +179,8 @@ def _row(variant, T, ms, impl="attnkit", form="streaming", pattern="causal-self"
 def test_off_trend_cells_are_flagged():
     """The issue's case: a shorter length measured 27x slower than a longer one is flagged, neighbours are not."""
     from attnkit.tools.bench import _off_trend, pivot_tables
-    rows = [_row("sliding-window", 128, 2.0), _row("sliding-window", 256, 79.9), _row("sliding-window", 512, 2.9),
-            _row("sliding-window", 1024, 6.1)]
+    rows = [_row("sliding_window", 128, 2.0), _row("sliding_window", 256, 79.9), _row("sliding_window", 512, 2.9),
+            _row("sliding_window", 1024, 6.1)]
     assert [r.T for r in _off_trend(rows)] == [256]
     rows[1].flags.append("off-trend")
     text = str(pivot_tables(rows)[0].body)
@@ -260,7 +274,7 @@ def test_variant_is_callable_and_equals_its_pieces():
     got = registry.get_variant("alibi")(q, k, v, mask=masks.causal)
     want = attnkit.attention(q, k, v, mask=masks.causal, score_mod=scores.alibi())
     torch.testing.assert_close(got, want)
-    sw = registry.get_variant("sliding-window")
+    sw = registry.get_variant("sliding_window")
     got = sw(q, k, v, mask=masks.causal)
     want = attnkit.attention(q, k, v, mask=masks.causal & masks.sliding_window(max(2, 19 // 4)))
     torch.testing.assert_close(got, want)
@@ -281,10 +295,10 @@ def test_inspect_subcommand_on_a_variant(tmp_path, capsys):
     the sink and the window spanning all T keys, both shares are 1 on a causal map; entropy within [0, log T]."""
     T = 16
     out = tmp_path / "insp"
-    assert main(["inspect", "sliding-window", "--length", str(T), "--sink-tokens", str(T), "--window", str(T),
+    assert main(["inspect", "sliding_window", "--length", str(T), "--sink-tokens", str(T), "--window", str(T),
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "sliding-window" in text and "summary.json" in text
+    assert "sliding_window" in text and "summary.json" in text
     s = json.loads((out / "summary.json").read_text())
     (row,) = s["layers"]
     assert row["sink"] == pytest.approx(1.0, abs=1e-5) and row["window"] == pytest.approx(1.0, abs=1e-5)

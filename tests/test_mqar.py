@@ -1,5 +1,6 @@
 """MQAR (attnkit.tools.mqar): the task generator against Zoology's definition, state sizes against real decoding
 caches, determinism, resuming, the learning pipeline on a small vocabulary, and ``attnkit mqar --smoke``."""
+import contextlib
 import json
 import math
 import random
@@ -77,7 +78,7 @@ def test_same_seed_same_batch_and_same_training():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     c = replace(Q.SMOKE, steps=3, batch=4, vocab=64, train_grid=((32, 4),), test_grid=((32, 4),), n_test=8,
                 eval_every=2)
-    spec = Q.ModelSpec("gated-deltanet", 32)
+    spec = Q.ModelSpec("gated_delta", 32)
     r1, r2 = (Q.train_cell(spec, 1e-2, c, s, "cpu") for _ in range(2))
     assert r1["final_loss"] == r2["final_loss"] and r1["by_test"] == r2["by_test"]
     r3 = Q.train_cell(spec, 1e-2, c, s + 1, "cpu")
@@ -101,7 +102,7 @@ def _tensor_bytes(x, seen=None) -> int:
     return 0
 
 
-@pytest.mark.parametrize("name", ["gated-deltanet", "gla", "retention", "linear-taylor2", "aaren", "kda", "softmax"])
+@pytest.mark.parametrize("name", ["gated_delta", "gla", "retention", "linear_taylor2", "aaren", "kda", "softmax"])
 def test_state_bytes_equal_a_real_decoding_cache(name):
     """The analytic state of a layer equals the bytes a DynamicCache holds after T tokens through that layer
     (linear rules: the recurrent state and the convolution tails; softmax: K and V of every token)."""
@@ -119,14 +120,14 @@ def test_state_bytes_equal_a_real_decoding_cache(name):
 def test_state_bytes_of_windows_levels_and_convolutions():
     """Sliding window: the last w keys only; log-linear: levels_needed(T−1) states; BaseConv: (k−1)·d values."""
     d, T, w = 32, 1024, Q.WINDOW
-    sw = Q.build_model(Q.ModelSpec("sliding-window", d, conv=False), vocab=2048)
+    sw = Q.build_model(Q.ModelSpec("sliding_window", d, conv=False), vocab=2048)
     assert Q.state_bytes(sw, T) == 2 * (2 * d * w * 4)  # two layers, K and V of d channels, w tokens, fp32
     full = Q.build_model(Q.ModelSpec("softmax", d, conv=False), vocab=2048)
     assert Q.state_bytes(full, T) == 2 * (2 * d * T * 4)
     assert Q.state_bytes(Q.build_model(Q.ModelSpec("softmax", d), vocab=2048), T) == \
         Q.state_bytes(full, T) + 2 * (3 - 1) * d * 4
-    ll = Q.build_model(Q.ModelSpec("log-linear-gated-deltanet", d, conv=False), vocab=2048)
-    gdn = Q.build_model(Q.ModelSpec("gated-deltanet", d, conv=False), vocab=2048)
+    ll = Q.build_model(Q.ModelSpec("log_linear_gated_delta", d, conv=False), vocab=2048)
+    gdn = Q.build_model(Q.ModelSpec("gated_delta", d, conv=False), vocab=2048)
     H, dh = 2, d // 2
     conv_tail = 3 * (4 - 1) * d * 4
     assert Q.state_bytes(gdn, T) == 2 * (H * dh * dh * 4 + conv_tail)
@@ -147,7 +148,58 @@ def test_models_for_every_variant_and_hybrids_run_and_train_a_step():
     with pytest.raises(ValueError, match="unknown variant"):
         Q.build_model(Q.ModelSpec("softmx", 32))
     with pytest.raises(ValueError, match="use 'softmax'"):
-        Q.build_model(Q.ModelSpec("aaren-causal", 32))
+        Q.build_model(Q.ModelSpec("aaren_causal", 32))
+
+
+@pytest.mark.parametrize("old,new", [("sliding-window", "sliding_window"), ("multi-token", "multi_token"),
+                                     ("gated-deltanet", "gated_delta"),
+                                     ("gated-deltanet+scalar-gate", "gated_delta+scalar_gate")])
+def test_earlier_variant_names_build_the_same_model(old, new):
+    """An earlier name warns, is stored under the current one and builds the same model (same parameters, same
+    outputs) as the current name; a sliding window keeps MQAR's fixed window under either spelling."""
+    with pytest.warns(DeprecationWarning, match="is now called"):
+        spec_old = Q.ModelSpec(old, 32, n_layers=len(new.split("+")), window=3, conv=False)
+    spec_new = Q.ModelSpec(new, 32, n_layers=len(new.split("+")), window=3, conv=False)
+    assert spec_old == spec_new and spec_old.name == new
+    seed = random.randrange(2 ** 31)
+    models = []
+    for n in (old, new):
+        torch.manual_seed(seed)
+        with pytest.warns(DeprecationWarning) if n == old else contextlib.nullcontext():
+            layers = [Q.mixer(part, spec_new, i, "reference") for i, part in enumerate(n.split("+"))]
+        models.append(Q.RecallLM(64, 32, layers, conv=False))
+    a, b = models
+    assert [type(x.mixer) for x in a.blocks] == [type(x.mixer) for x in b.blocks]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = torch.randint(64, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(a.hidden(ids), b.hidden(ids), rtol=0, atol=0)
+    if new == "sliding_window":
+        # one layer, no convolution: position t sees tokens t-3..t only (the catalog's window at T=32 would be 8)
+        m = Q.build_model(replace(spec_old, n_layers=1), vocab=64, backend="reference")
+        ids2 = ids.clone()
+        ids2[:, 0] = (ids[:, 0] + 1) % 64
+        with torch.no_grad():
+            changed = (m.hidden(ids) - m.hidden(ids2)).abs().amax(dim=(0, 2)) > 0
+        assert changed.tolist() == [t <= 3 for t in range(32)]
+
+
+def test_results_with_earlier_names_read_as_current_names(tmp_path):
+    """A results file written before the renaming: its cells read under the current names (keys included), so a
+    rerun with the current names skips them. `attnkit mqar` names an unknown variant and exits before training."""
+    c = replace(Q.SMOKE, variants=("gated_delta+softmax",), d_models=(32,), lrs=(1e-2,))
+    (spec, lr), = c.cells()
+    key = Q.cell_key(spec, lr, c, 5)
+    old_key = key.replace("gated_delta+softmax", "gated-deltanet+softmax", 1)
+    assert old_key != key
+    rec = {"schema": Q.SCHEMA, "kind": "cell", "key": old_key, "variant": "gated-deltanet+softmax", "status": "ok"}
+    out = tmp_path / "old.jsonl"
+    out.write_text(json.dumps(rec) + "\n")
+    (cell,) = Q.read_results(str(out))["cells"]
+    assert cell["key"] == key and cell["variant"] == "gated_delta+softmax"
+    with pytest.raises(SystemExit, match="unknown variant 'softmx'"):
+        main(["mqar", "--variants", "softmax,softmx", "--out", str(tmp_path / "x.jsonl")])
 
 
 def test_softmax_learns_recall_and_the_task_is_not_trivial():
@@ -187,14 +239,14 @@ def test_summary_and_orderings():
     cells = [{"status": "ok", "variant": v, "d_model": d, "feature_dim": None, "seed": 1, "lr": lr, "accuracy": a,
               "state_bytes": d * 100, "by_test": {"64x4": a}}
              for v, d, lr, a in [("softmax", 64, 1e-3, 0.5), ("softmax", 64, 1e-2, 0.99), ("softmax", 128, 1e-2, 1.0),
-                                 ("gated-deltanet", 64, 1e-2, 0.6), ("gated-deltanet", 128, 1e-2, 0.9),
+                                 ("gated_delta", 64, 1e-2, 0.6), ("gated_delta", 128, 1e-2, 0.9),
                                  ("gla", 64, 1e-2, 0.3), ("gla", 128, 1e-2, 0.95)]]
     s = Q.summarize(cells)
     assert [(x["variant"], x["d_model"], x["accuracy"]) for x in s][:1] == [("softmax", 64, 0.99)]
     assert s[0]["lrs_tried"] == [1e-3, 1e-2]
     claims = {c: held for c, held, _ in Q.check_orderings(s)}
     assert claims["softmax attention solves MQAR at every width (accuracy >= 0.9)"] is True
-    assert claims["gated-deltanet approaches softmax as its state grows"] is True
+    assert claims["gated_delta approaches softmax as its state grows"] is True
     assert claims["gla trails Gated DeltaNet at equal width"] is False
 
 
@@ -206,6 +258,6 @@ def test_mqar_smoke_cli(tmp_path, capsys):
     cells = [json.loads(x) for x in out.read_text().splitlines() if '"kind": "cell"' in x]
     assert {c["variant"] for c in cells} == set(Q.SMOKE.variants)
     assert all(c["status"] == "ok" and 0 <= c["accuracy"] <= 1 and c["state_bytes"] > 0 for c in cells)
-    assert "MQAR accuracy" in text and "gated-deltanet" in text
+    assert "MQAR accuracy" in text and "gated_delta" in text
     assert all(len(line) <= 120 for line in text.splitlines())
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,7 +42,7 @@ class Parsed(HTMLParser):
 def results(tmp_path_factory):
     """A small bench run (SDPA peer, two patterns, three lengths), an MQAR results file and a decode file."""
     d = tmp_path_factory.mktemp("results")
-    rows = bench.sweep([get_variant("softmax"), get_variant("gated-deltanet")], ["causal-self", "cross"],
+    rows = bench.sweep([get_variant("softmax"), get_variant("gated_delta")], ["causal-self", "cross"],
                        [32, 64, 96], rep=2, min_time_s=0.0, peers=["sdpa-math"], max_recurrent_T=32)
     env = bench.environment("cpu")
     bench.write_json(str(d / "bench.json"), rows, env, {"dtype": "float32", "heads": 4, "dim": 64})
@@ -50,8 +50,8 @@ def results(tmp_path_factory):
               "d_model": dm, "feature_dim": None, "seed": 7, "lr": lr, "accuracy": a, "state_bytes": sb,
               "by_test": {"64x4": a, "128x8": a / 2}, "steps_run": 10, "train_s": 1.0}
              for v, dm, lr, a, sb in [("softmax", 64, 1e-3, 0.9, 2 ** 20), ("softmax", 128, 1e-3, 1.0, 2 ** 21),
-                                      ("gated-deltanet", 64, 1e-3, 0.4, 2 ** 14),
-                                      ("gated-deltanet", 128, 1e-3, 0.7, 2 ** 16)]]
+                                      ("gated_delta", 64, 1e-3, 0.4, 2 ** 14),
+                                      ("gated_delta", 128, 1e-3, 0.7, 2 ** 16)]]
     run = {"schema": "attnkit.mqar", "kind": "run", "seed": 7, "environment": env, "config": {"steps": 10}}
     (d / "mqar.jsonl").write_text("\n".join(json.dumps(x) for x in [run] + cells) + "\n")
     dec = {"environment": env, "rows": [{"impl": impl, "keys": k, "ms": k / s / 1e6, "gbps": s, "B": 8}
@@ -89,7 +89,7 @@ def test_report_is_one_file_with_every_plot_embedded(results, tmp_path):
     assert "src='http" not in html and 'src="http' not in html
     text = " ".join(p.text)
     for needed in ("Benchmark", "MQAR", "Decode", "environment", "efficiency length", "Raw table", "sdpa-math",
-                   "gated-deltanet", torch.__version__):
+                   "gated_delta", torch.__version__):
         assert needed in text, needed
     assert p.tags.count("tr") > len(rows)  # the raw table holds every row
 

@@ -18,7 +18,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
           "fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: what ``attnkit bench`` runs with no options: about a minute on a 2-core CPU
-DEFAULT_BENCH_VARIANTS = ["softmax", "sliding-window", "sigmoid", "gated-deltanet"]
+DEFAULT_BENCH_VARIANTS = ["softmax", "sliding_window", "sigmoid", "gated_delta"]
 DEFAULT_BENCH_LENGTHS = [256, 1024]
 
 
@@ -132,7 +132,7 @@ def cmd_list(args) -> int:
     from .bench import Table
     vs = registry.variants(args.family)
     if args.json:
-        print(json.dumps([v.row() for v in vs], indent=1))
+        print(json.dumps([{**v.row(), "api": v.api, "aliases": list(v.aliases)} for v in vs], indent=1))
         return 0
     if args.markdown or args.wide:
         head = ["variant", "family", "what", "forms", "masks", "time", "memory", "cache / state",
@@ -334,12 +334,12 @@ def cmd_mqar(args) -> int:
             if getattr(args, k) is not None}
     if "variants" in over:
         over["variants"] = tuple(over["variants"])
-        for name in over["variants"]:
-            for part in name.split("+"):
-                _select([part])
     if "d_models" in over:
         over["d_models"] = tuple(over["d_models"])
-    c = replace(c, **over)
+    try:
+        c = replace(c, **over)  # the variant names resolved to the catalog's (mqar.model_name)
+    except ValueError as e:
+        raise SystemExit(f"attnkit: {e}")
     out = args.out or ("mqar-smoke.jsonl" if args.smoke else f"mqar-{args.config}.jsonl")
     t0 = time.time()
     cells = mqar.run(c, out, device=device, budget_s=args.budget, log=lambda m: print(m, file=sys.stderr),

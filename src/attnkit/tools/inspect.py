@@ -119,6 +119,7 @@ def _inspect_variant(name: str, out: Path, T: int, n_sink: int, window: int) -> 
     except ValueError as e:
         raise SystemExit(f"attnkit inspect: {name!r} is neither a model ('minilm' or a Hugging Face folder) nor a "
                          f"variant: {e}") from None
+    name = v.name  # an earlier name is reported under the current one
     spec = catalog.Spec(B=1, Hq=4, Hkv=4, Lq=T, Lk=T, D=32, Dv=32, causal=True)
     inp = v.make_inputs(spec)
     q, k = inp.get("q"), inp.get("k")
@@ -135,8 +136,8 @@ def _inspect_variant(name: str, out: Path, T: int, n_sink: int, window: int) -> 
         what = f"softmax-family variant on random inputs, T={T}"
         title = name
     else:
-        raise SystemExit(f"attnkit inspect: {name!r} is not one attention call (differential, multi-token and "
-                         "2-simplicial maps are not covered yet); inspect a softmax-family or linear variant")
+        raise SystemExit(f"attnkit inspect: {name!r} is not one attention call (differential, multi_token and "
+                         "simplicial maps are not covered yet); inspect a softmax-family or linear variant")
     pairs = {title: M[0]}
     if q is not None and k is not None and q.shape[-1] == k.shape[-1]:
         pairs["softmax (same q, k)"] = attention_map(q[:, :1], k[:, :1], mask="causal")[0, 0]

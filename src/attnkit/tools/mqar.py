@@ -14,11 +14,12 @@ The task, as Zoology's ``multiquery_ar`` generates it (written here from its def
 Models (:class:`RecallLM`): token embedding → two layers → RMSNorm → head tied to the embedding. A layer is Zoology's
 pair of pre-norm residual sequence mixers: its gated short convolution (:class:`BaseConv`, kernel 3: the token shift
 recall circuits need), then the variant's mixer; no MLP (Zoology's state mixer is the identity; ``mlp=True`` uses
-:class:`attnkit.nn.Block`, ``conv=False`` drops the convolution). A model is named by a catalog variant (``softmax``, ``gated-deltanet``, ...: one
-per layer) or a hybrid ``a+b`` (layer 0 ``a``, layer 1 ``b``). Softmax-family variants are
-:class:`attnkit.nn.Attention` layers (RoPE; ``sliding-window`` with a fixed window, :data:`WINDOW`), linear ones
-:class:`attnkit.nn.LinearAttention` (short convolutions, the rule's gates); feature maps that expand the key
-(``taylor2``, Based) use ``feature_dim`` key channels per head.
+:class:`attnkit.nn.Block`, ``conv=False`` drops the convolution). A model is named by a catalog variant
+(``softmax``, ``gated_delta``, ...: one per layer) or a hybrid ``a+b`` (layer 0 ``a``, layer 1 ``b``); earlier
+variant names (``gated-deltanet``) are accepted with the catalog's DeprecationWarning and stored under the current
+name. Softmax-family variants are :class:`attnkit.nn.Attention` layers (RoPE; ``sliding_window`` with a fixed
+window, :data:`WINDOW`), linear ones :class:`attnkit.nn.LinearAttention` (short convolutions, the rule's gates);
+feature maps that expand the key (``taylor2``, Based) use ``feature_dim`` key channels per head.
 
 Training (Zoology's recipe, by steps instead of epochs): AdamW (weight decay 0.1), a cosine schedule to 0, fresh
 examples every step cycling over the training grid, early stop once validation accuracy passes 0.99; a
@@ -44,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["mqar_batch", "RecallLM", "build_model", "state_bytes", "MQARConfig", "SMOKE", "GPU", "DEFAULT", "run",
-           "read_results", "summarize", "TRAIN_GRID", "TEST_GRID", "VARIANTS", "SCHEMA"]
+__all__ = ["mqar_batch", "RecallLM", "ModelSpec", "model_name", "build_model", "state_bytes", "MQARConfig", "SMOKE",
+           "GPU", "DEFAULT", "run", "read_results", "summarize", "TRAIN_GRID", "TEST_GRID", "VARIANTS", "SCHEMA"]
 
 SCHEMA = "attnkit.mqar"
 SCHEMA_VERSION = 1
@@ -55,9 +56,9 @@ TRAIN_GRID: Tuple[Tuple[int, int], ...] = ((64, 4), (128, 8), (256, 16), (512, 6
 #: and for testing (up to 1024 tokens with 256 pairs, as in the Based paper's MQAR sweep)
 TEST_GRID: Tuple[Tuple[int, int], ...] = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))
 #: the 12 mechanisms of the issue and a 1:1 hybrid (Gated DeltaNet layer, then softmax attention)
-VARIANTS: Tuple[str, ...] = ("softmax", "sliding-window", "sigmoid", "linear-taylor2", "retention", "scalar-gate",
-                             "gla", "deltanet", "gated-deltanet", "kda", "log-linear-gated-deltanet", "aaren",
-                             "gated-deltanet+softmax")
+VARIANTS: Tuple[str, ...] = ("softmax", "sliding_window", "sigmoid", "linear_taylor2", "retention", "scalar_gate",
+                             "gla", "delta", "gated_delta", "kda", "log_linear_gated_delta", "aaren",
+                             "gated_delta+softmax")
 #: MQAR's sliding window: a fixed number of keys (the catalog's window follows the call's length)
 WINDOW = 64
 
@@ -91,9 +92,25 @@ def mqar_batch(n: int, T: int, pairs: int, vocab: int = VOCAB, *, generator: tor
 
 # -- models ---------------------------------------------------------------------------------------
 
+def model_name(name: str) -> str:
+    """``name`` (a variant, or ``a+b`` per layer) with every part's catalog name: an earlier name is resolved by
+    :func:`attnkit.get_variant` (with its DeprecationWarning); ValueError naming the known variants otherwise."""
+    from .. import get_variant
+    return "+".join(get_variant(part).name for part in name.split("+"))
+
+
+def _stored_name(name: str) -> str:
+    """A model name read from a results file, earlier variant names replaced by the current ones (no warning, no
+    validation: files written before the renaming stay readable and resumable)."""
+    from ..catalog import aliases
+    old = aliases()
+    return "+".join(old.get(part, part) for part in name.split("+"))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One MQAR model: ``name`` (a variant, or ``a+b`` per layer), width, heads and Based's feature dim."""
+    """One MQAR model: ``name`` (a variant, or ``a+b`` per layer; stored as :func:`model_name` gives it), width,
+    heads and Based's feature dim."""
 
     name: str
     d_model: int
@@ -103,6 +120,9 @@ class ModelSpec:
     window: int = WINDOW
     mlp: bool = False
     conv: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", model_name(self.name))
 
     def layer_names(self) -> List[str]:
         parts = self.name.split("+")
@@ -119,19 +139,19 @@ def _expands(feature_map) -> bool:
 
 
 def mixer(name: str, spec: ModelSpec, layer_idx: int, backend: str = "auto") -> nn.Module:
-    """The token mixer of one layer for the catalog variant ``name`` (see the module docstring)."""
+    """The token mixer of one layer for the catalog variant ``name`` (see the module docstring); the special cases
+    compare the catalog's own name, so an earlier name of a variant builds the same layer."""
     from .. import get_variant, masks
     from ..nn import Attention, DiffAttention, LinearAttention, MultiTokenAttention
     d, H = spec.d_model, spec.n_heads
     v = get_variant(name)
-    canon = v.name.replace("_", "-")  # the catalog's own name, whichever spelling (old or new) the caller used
-    if canon == "sliding-window":
+    if v.name == "sliding_window":  # MQAR's fixed window, not the catalog's length-relative one
         return Attention(d, H, mask=masks.sliding_window(spec.window), layer_idx=layer_idx, backend=backend)
     if v.family == "softmax" and v.full_mask is not None:
-        return Attention(d, H, variant=name, layer_idx=layer_idx, backend=backend)
-    if canon == "differential":
+        return Attention(d, H, variant=v.name, layer_idx=layer_idx, backend=backend)
+    if v.name == "differential":
         return DiffAttention(d, H, layer_idx=layer_idx, backend=backend)
-    if canon == "multi-token":
+    if v.name == "multi_token":
         return MultiTokenAttention(d, H, layer_idx=layer_idx)
     if v.family == "linear":
         rule, bound = v.rule, dict(v.bound)
@@ -145,7 +165,7 @@ def mixer(name: str, spec: ModelSpec, layer_idx: int, backend: str = "auto") -> 
         if bound.get("base"):
             kw["base"] = bound["base"]
         return LinearAttention(d, H, rule, **kw)
-    raise ValueError(f"MQAR builds softmax-family variants that are one attention call, differential, multi-token "
+    raise ValueError(f"MQAR builds softmax-family variants that are one attention call, differential, multi_token "
                      f"and linear-family variants; {name!r} is none of these")
 
 
@@ -287,6 +307,9 @@ class MQARConfig:
     backend: str = "auto"
     seed: Optional[int] = None
 
+    def __post_init__(self):
+        self.variants = tuple(model_name(n) for n in self.variants)
+
     def cells(self) -> List[Tuple[ModelSpec, float]]:
         out = []
         for name in self.variants:
@@ -306,7 +329,7 @@ def _feature_map(name: str):
 
 #: CI: the pipeline end to end, two models, 200 steps (~30 s on a 2-core CPU); a vocabulary of 128 so that softmax
 #: attention learns the task within the budget (0.92-0.97 over 3 seeds; at Zoology's 8192 nothing learned in 150)
-SMOKE = MQARConfig(variants=("softmax", "gated-deltanet"), d_models=(64,), lrs=(1e-2,), steps=200, batch=32,
+SMOKE = MQARConfig(variants=("softmax", "gated_delta"), d_models=(64,), lrs=(1e-2,), steps=200, batch=32,
                    vocab=128, train_grid=((32, 4),), test_grid=((32, 4), (64, 8)), n_test=64, eval_every=50)
 #: the default CPU sweep (minutes per model): every variant at d_model 64 and 128 on the short grid cells
 DEFAULT = MQARConfig(d_models=(64, 128), lrs=(1e-3, 3e-3), steps=600, batch=64, train_grid=TRAIN_GRID[:2],
@@ -402,7 +425,8 @@ def train_cell(spec: ModelSpec, lr: float, c: MQARConfig, seed: int, device,
 
 
 def read_results(path: str) -> Dict[str, Any]:
-    """A results file: ``{"runs": [run records], "cells": [cell records]}`` (the last record of a key wins)."""
+    """A results file: ``{"runs": [run records], "cells": [cell records]}`` (the last record of a key wins; earlier
+    variant names in a cell's model and key read as the current ones)."""
     runs, cells = [], {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -418,6 +442,10 @@ def read_results(path: str) -> Dict[str, Any]:
             if r.get("kind") == "run":
                 runs.append(r)
             else:
+                head, sep, rest = r["key"].partition("|")
+                r["key"] = _stored_name(head) + sep + rest
+                if "variant" in r:
+                    r["variant"] = _stored_name(r["variant"])
                 cells[r["key"]] = r
     return {"runs": runs, "cells": list(cells.values())}
 
@@ -543,7 +571,7 @@ def check_orderings(summary: Sequence[Dict[str, Any]]) -> List[Tuple[str, Option
         beaten = [f"{n} d={d}" for n, a in others.items() for d, x in a.items() if d in sm and x > sm[d] + 0.02]
         out.append(("softmax is at least as accurate as every other model of the same width", not beaten,
                     ", ".join(beaten[:4])))
-    for n in ("gated-deltanet", "deltanet"):
+    for n in ("gated_delta", "delta"):
         a = acc.get(n, {})
         if len(a) >= 2:
             ds = sorted(a)
@@ -551,17 +579,17 @@ def check_orderings(summary: Sequence[Dict[str, Any]]) -> List[Tuple[str, Option
             held = a[ds[-1]] >= a[ds[0]] - 0.02 and (not gap or gap[-1] <= gap[0] + 0.02)
             out.append((f"{n} approaches softmax as its state grows", held,
                         " -> ".join(f"{a[d]:.2f}" for d in ds)))
-    for weak in ("gla", "scalar-gate"):
-        if weak in acc and "gated-deltanet" in acc:
-            common = [d for d in acc[weak] if d in acc["gated-deltanet"]]
+    for weak in ("gla", "scalar_gate"):
+        if weak in acc and "gated_delta" in acc:
+            common = [d for d in acc[weak] if d in acc["gated_delta"]]
             if common:
-                held = all(acc[weak][d] <= acc["gated-deltanet"][d] + 0.02 for d in common)
+                held = all(acc[weak][d] <= acc["gated_delta"][d] + 0.02 for d in common)
                 out.append((f"{weak} trails Gated DeltaNet at equal width", held,
-                            ", ".join(f"d={d}: {acc[weak][d]:.2f} vs {acc['gated-deltanet'][d]:.2f}"
+                            ", ".join(f"d={d}: {acc[weak][d]:.2f} vs {acc['gated_delta'][d]:.2f}"
                                       for d in common)))
     by_f = {}
     for s in summary:
-        if s["variant"] == "linear-taylor2" and s.get("feature_dim"):
+        if s["variant"] == "linear_taylor2" and s.get("feature_dim"):
             by_f.setdefault(s["d_model"], {})[s["feature_dim"]] = s["accuracy"]
     for d, fs in by_f.items():
         if len(fs) >= 2:

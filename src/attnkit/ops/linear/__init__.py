@@ -10,6 +10,7 @@ Rules and their recurrences: :mod:`.functional`; the chunkwise engine: :mod:`.en
 levels: :mod:`.loglinear`; Aaren's prefix scan: :mod:`.aaren`; feature maps: :mod:`.feature_maps`.
 """
 from . import feature_maps
+from .common import value_checks
 from .aaren import AarenState
 from .feature_maps import Favor, FeatureMap, as_feature_map
 from .functional import (ALL_RULES, FORMS, LOG_LINEAR_BASES, NORMALIZE_EPS, RULE_ALIASES, RULES, lightning_log_decay,
@@ -19,6 +20,6 @@ from .loglinear import LogLinearState
 #: the name under which attnkit re-exports :func:`step` (``attnkit.linear_step``)
 linear_step = step
 
-__all__ = ["linear_attention", "step", "linear_step", "LogLinearState", "AarenState", "FeatureMap", "Favor",
+__all__ = ["value_checks", "linear_attention", "step", "linear_step", "LogLinearState", "AarenState", "FeatureMap", "Favor",
            "as_feature_map", "feature_maps", "ALL_RULES", "RULES", "RULE_ALIASES", "rule_name", "FORMS",
            "LOG_LINEAR_BASES", "NORMALIZE_EPS", "retention_log_decay", "lightning_log_decay"]

@@ -13,7 +13,9 @@ Conventions used everywhere in :mod:`attnkit.ops.linear`:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,10 +48,35 @@ def check_shape(name: str, t: Tensor, want: Sequence[int], desc: str) -> None:
         raise ValueError(f"{name} must have shape {desc} = {tuple(want)}, got {tuple(t.shape)}")
 
 
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("attnkit_linear_value_checks", default=True)
+
+
+@contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the data-dependent checks of :func:`check_log_gate` and :func:`check_beta` (finite gates ≤ 0, β ∈ [0, 2];
+    one host sync each on CUDA, which dominates a decode step) on or off in this context. For callers whose gates
+    and β are in range by construction (``logsigmoid``, ``−exp(A)·softplus(·)``, ``sigmoid``), as attnkit.nn's layers;
+    shapes, dtypes and devices are checked either way."""
+    if torch.compiler.is_compiling():  # the checks are off while tracing anyway (and dynamo cannot set a ContextVar)
+        yield
+        return
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """Whether gate / β values are checked here: on unless :func:`value_checks` turned them off or torch.compile is
+    tracing (no host sync, no graph break)."""
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS.get()
+
+
 def check_log_gate(name: str, g: Tensor) -> None:
     """Log gates must be finite and ≤ 0 (a decay α = exp(g) in (0, 1]). A value check: one host sync in eager;
-    skipped while torch.compile traces (no sync, no graph break), like the kernels' other value checks."""
-    if torch.compiler.is_compiling():
+    skipped while torch.compile traces or inside ``value_checks(False)`` (:func:`value_checks_enabled`)."""
+    if not value_checks_enabled():
         return
     with torch.no_grad():
         if not bool(torch.isfinite(g).all()):
@@ -61,9 +88,9 @@ def check_log_gate(name: str, g: Tensor) -> None:
 
 def check_beta(beta: Tensor, lo: float = 0.0, hi: float = 2.0) -> None:
     """β of the delta rules: finite and in [0, 2] (the transition I − β k kᵀ of a unit key is then
-    non-expansive; DeltaNet uses β = sigmoid(·) ∈ (0, 1), Grazzi et al. 2024 extend it to (0, 2)). Skipped while
-    torch.compile traces, as :func:`check_log_gate`."""
-    if torch.compiler.is_compiling():
+    non-expansive; DeltaNet uses β = sigmoid(·) ∈ (0, 1), Grazzi et al. 2024 extend it to (0, 2)). Skipped as
+    :func:`check_log_gate` is."""
+    if not value_checks_enabled():
         return
     with torch.no_grad():
         if not bool(torch.isfinite(beta).all()):

@@ -115,7 +115,8 @@ class Variant:
         return {
             "name": self.name, "family": self.family, "summary": self.summary, "forms": list(self.forms),
             "masks": self.masks, "time": self.time, "memory": self.memory, "cache": self.cache,
-            **self.cache_at_reference(), "paper": self.paper, "backends": list(self.backends),
+            **self.cache_at_reference(), "paper": self.paper, "backends": list(self.backends), "api": self.api,
+            "aliases": list(self.aliases),
         }
 
 

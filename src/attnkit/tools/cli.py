@@ -132,7 +132,7 @@ def cmd_list(args) -> int:
     from .bench import Table
     vs = registry.variants(args.family)
     if args.json:
-        print(json.dumps([{**v.row(), "api": v.api, "aliases": list(v.aliases)} for v in vs], indent=1))
+        print(json.dumps([v.row() for v in vs], indent=1))
         return 0
     if args.markdown or args.wide:
         head = ["variant", "family", "what", "forms", "masks", "time", "memory", "cache / state",

@@ -10,7 +10,7 @@ structures of :mod:`attnkit.nn.heads`, :class:`Block` and :class:`HybridLM`. Eve
 """
 from .attention import Attention
 from .blocks import Block, SwiGLU
-from .heads import (MFA, MLA, SQA, DiffAttention, MoHAttention, MultiTokenAttention, SimplicialAttention,
+from .heads import (DCMHA, MFA, MLA, SQA, DiffAttention, MoHAttention, MultiTokenAttention, SimplicialAttention,
                     TalkingHeadsAttention, lambda_init)
 from .linear import LinearAttention, LinearState, ShortConv
 from .model import HybridConfig, HybridLM
@@ -18,5 +18,5 @@ from .norm import GatedRMSNorm, RMSNorm
 from .rope import RotaryEmbedding
 
 __all__ = ["Attention", "LinearAttention", "LinearState", "ShortConv", "MLA", "MFA", "SQA", "MoHAttention",
-           "TalkingHeadsAttention", "DiffAttention", "MultiTokenAttention", "SimplicialAttention", "lambda_init",
-           "Block", "SwiGLU", "HybridLM", "HybridConfig", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding"]
+           "TalkingHeadsAttention", "DCMHA", "DiffAttention", "MultiTokenAttention", "SimplicialAttention",
+           "lambda_init", "Block", "SwiGLU", "HybridLM", "HybridConfig", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding"]

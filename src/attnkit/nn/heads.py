@@ -10,12 +10,9 @@ returns ``[B, T, d_model]``; ``forward(x, *, cache=None, cu_seqlens=None)`` as :
 * :class:`DiffAttention` — the Differential Transformer layer (Ye et al. 2024).
 * :class:`MultiTokenAttention` — the Multi-Token Attention layer (Golovneva et al. 2025).
 * :class:`SimplicialAttention` — the 2-simplicial layer (Clift et al. 2019; Roy et al. 2025).
-
-Dynamically composable multi-head attention (DCMHA, Xiao et al. 2024) is not here: its head composition
-depends on the query and key of each score entry (``A'_h[i,j] = Σ_h' A_h'[i,j]·(W_hh' + w_q(x_i)_hh' +
-w_k(x_j)_hh')``, low-rank query-wise and key-wise terms), which no attnkit op computes (the multi-token op's
-head mixing is static per layer); a layer would have to build the ``[B, H, T, T]`` maps itself, which the
-layers here never do.
+* :class:`DCMHA` — Dynamically Composable Multi-Head Attention (Xiao et al., ICML 2024): talking heads whose
+  mixing depends on the query and key tokens of each score entry; builds the ``[B, H, Lq, Lk]`` maps itself
+  (materialized only).
 """
 from __future__ import annotations
 
@@ -23,6 +20,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops
@@ -31,7 +29,7 @@ from .norm import RMSNorm
 from .rope import as_rope
 
 __all__ = ["MLA", "MFA", "SQA", "MoHAttention", "TalkingHeadsAttention", "DiffAttention", "MultiTokenAttention",
-           "SimplicialAttention", "lambda_init"]
+           "SimplicialAttention", "DCMHA", "lambda_init"]
 
 
 def lambda_init(layer_idx: int) -> float:
@@ -477,3 +475,158 @@ class SimplicialAttention(nn.Module):
         m2 = layer_mask(True, _ops.masks.sliding_window(self.window2 - 1), cu_seqlens)
         o = _ops.simplicial_attention(q, k1, v1, k2, v2, mask1=m1, mask2=m2, scale=self.scale, form=self.form)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamically composable multi-head attention
+# ------------------------------------------------------------------------------------------------
+
+def _compose(a: Tensor, static: Tensor, qf: Tensor, kf: Tensor, rank: int) -> Tensor:
+    """DCMHA's Compose over the head axis of ``a [B, H, Lq, Lk]`` (scores or weights), entry by entry:
+
+        a'_h[i,j] = Σ_m a_m[i,j]·(W_b[m,h] + Σ_r qw1[i,r,m]·qw2[i,r,h] + Σ_r kw1[j,r,m]·kw2[j,r,h])
+                    + a_h[i,j]·(qg[i,h] + kg[j,h])
+
+    ``static = W_b [H, H]``; ``qf [B, Lq, 2R+1, H]`` holds the rows ``qw1 (R), qw2 (R), qg (1)`` of each query
+    token, ``kf [B, Lk, 2R+1, H]`` the same of each key token. The low-rank terms are contracted through their R
+    hidden channels (``O(R·H)`` per entry, not ``O(H²)``). Nothing mixes entries, so a mask applied to the result
+    hides the same entries as one applied before.
+    """
+    out = torch.einsum("bmij,mh->bhij", a, static)
+    for f, ax in ((qf, "i"), (kf, "j")):
+        hid = torch.einsum(f"bmij,b{ax}rm->bijr", a, f[:, :, :rank])
+        out = out + torch.einsum(f"bijr,b{ax}rh->bhij", hid, f[:, :, rank:2 * rank])
+    gate = qf[:, :, 2 * rank].transpose(1, 2).unsqueeze(-1) + kf[:, :, 2 * rank].transpose(1, 2).unsqueeze(-2)
+    return out + a * gate
+
+
+class DCMHA(Attention):
+    """Dynamically Composable Multi-Head Attention (Xiao, Meng, Li, Yuan, ICML 2024, "Improving Transformers with
+    Dynamically Composable Multi-Head Attention", arXiv:2405.08553, §3; code github.com/Caiyun-AI/DCFormer).
+
+    Per score entry (i, j) the H-vector across heads ``A_:ij`` is transformed by Compose, a static H×H mixing plus
+    query-wise and key-wise dynamic low-rank projections and gates (the paper's five branches):
+
+        Compose(A)_:ij = A_:ij W_b + A_:ij qw1_i qw2_iᵀ + A_:ij ⊙ qg_i + A_:ij kw1_j kw2_jᵀ + A_:ij ⊙ kg_j
+        qw1_i, qw2_i = Chunk(GELU(x_i W_q1) W_q2)  ∈ R^{H×R},   qg_i = tanh(x_i W_qg)  ∈ R^H
+        kw1_j, kw2_j = Chunk(GELU(x_j W_k1) W_k2),              kg_j = tanh(x_j W_kg)
+        S = Compose_pre(scale · Q_h K_hᵀ),  P = softmax(mask(S)),  P ← mask(Compose_post(P)),  o_h = P_h V_h,
+        y = [o_h]_h W_O
+
+    ``x_i``, ``x_j``: the layer input at the query and key token (the paper's Q_i, K_j; the authors' code feeds the
+    attention input). Pre- and post-softmax Compose have their own W_b and dynamic weights (four branches
+    pre-query, pre-key, post-query, post-key, each ``W_1 [d_model, C]``, ``W_2 [C, 2·R·H]``, ``W_g [d_model, H]``).
+    As in the authors' code, Compose acts on the scores *before* the mask, the mask is applied after it, and the
+    composed weights are masked again (a no-op unless the mask differs between heads). Entry (i, j) reads only the H
+    values at (i, j), x_i and x_j, so nothing from a hidden key (a future token) reaches a visible entry.
+    ``w1_norm=True`` RMS-normalizes ``qw1``/``kw1`` over heads (no scale), as the authors' JAX and PyTorch code do;
+    ``False`` drops that norm. GELU is the exact one (the authors' PyTorch code; their JAX code uses the tanh
+    approximation). Defaults follow the authors' code: ``rank=2``, ``hidden C = 2·R·H``,
+    ``W_b = I + N(0, 0.1²/H)``, ``W_2 ~ N(0, (0.01·2/(H+R)/√C)²)``, ``W_g ~ N(0, (0.005·√(2/(d_model+H)))²)`` (the
+    dynamic terms start near zero). With ``W_b = I`` and ``W_2 = W_g = 0`` the layer is plain MHA; with only
+    ``W_2 = W_g = 0`` it is talking-heads attention.
+
+    Only the materialized form: the ``[B, H, Lq, Lk]`` score and weight maps are built in full (memory
+    O(B·H·Lq·Lk), i.e. O(T²) per head, as the paper's reference code); ``form`` other than "auto"/"materialized"
+    and ``backend`` other than "auto"/"reference" are refused. GQA: K/V heads are repeated to the H query heads
+    before composing. ``cache=``: a cache with a layer-state slot (``get``/``set``, e.g. DynamicCache,
+    ContiguousKVCache) keeps each past key's composition weights ``[B, L, 2, 2R+1, H]`` beside its K/V; eviction
+    caches (PolicyCache) are refused. ``cu_seqlens=``: document mask and per-document RoPE positions.
+    Other arguments as :class:`Attention` (no score_mod / normalizer / variant: the paper's softmax).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 *, rank: int = 2, hidden: Optional[int] = None, w1_norm: bool = True, **kw):
+        if any(kw.get(n) is not None for n in ("score_mod", "variant")) or kw.get("normalizer") not in (None,
+                                                                                                       "softmax"):
+            raise ValueError("DCMHA takes no score_mod / normalizer / variant (it composes softmax attention)")
+        if kw.get("form", "auto") not in ("auto", "materialized"):
+            raise ValueError(f"DCMHA has only the materialized form (it builds the [B, H, Lq, Lk] score and weight "
+                             f"maps: O(T²) memory per head); got form={kw['form']!r}")
+        if kw.get("backend", "auto") not in ("auto", "reference"):
+            raise ValueError(f"DCMHA runs in plain PyTorch only (backend 'auto' or 'reference'); got "
+                             f"backend={kw['backend']!r}")
+        for name, val in [("rank", rank)] + ([("hidden", hidden)] if hidden is not None else []):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"DCMHA {name} must be a positive int, got {val!r}")
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, **kw)
+        H, R = n_heads, rank
+        C = hidden if hidden is not None else 2 * R * H
+        self.rank, self.hidden, self.w1_norm, self.w1_eps = R, C, w1_norm, kw.get("norm_eps", 1e-6)
+        # branches: 0 pre-query, 1 pre-key, 2 post-query, 3 post-key; dw2's axis 2: (w1, w2)
+        self.dw1 = nn.Parameter(torch.randn(d_model, 4, C) * math.sqrt(2.0 / (d_model + C)))
+        self.dw2 = nn.Parameter(torch.randn(4, C, 2, R, H) * (math.sqrt(1.0 / C) * 2.0 / (H + R) * 0.01))
+        self.dg = nn.Parameter(torch.randn(d_model, 4, H) * (math.sqrt(2.0 / (d_model + H)) * 0.005))
+        self.static = nn.Parameter(torch.eye(H).repeat(2, 1, 1) + torch.randn(2, H, H) * (0.1 / math.sqrt(H)))
+
+    def dynamic_weights(self, x: Tensor) -> Tensor:
+        """``[B, T, 4, 2R+1, H]``: per token and branch (pre-q, pre-k, post-q, post-k) the rows w1 (R), w2 (R), g."""
+        w = torch.einsum("btcn,cnkrh->btckrh", F.gelu(torch.einsum("btd,dcn->btcn", x, self.dw1)), self.dw2)
+        w1, w2 = w.unbind(3)
+        if self.w1_norm:
+            w1 = w1 * torch.rsqrt(w1.pow(2).mean(-1, keepdim=True) + self.w1_eps)
+        g = torch.tanh(torch.einsum("btd,dch->btch", x, self.dg)).unsqueeze(3)
+        return torch.cat([w1, w2, g], 3)
+
+    def _cached_key_weights(self, cache, n_before: int, kf: Tensor) -> Optional[Tensor]:
+        """The composition weights of the ``n_before`` cached keys (from the cache's state slot), checked before the
+        cache is touched; None when nothing is cached."""
+        prev = cache.get(self.layer_idx)
+        if prev is None:
+            if n_before:
+                raise ValueError(f"DCMHA layer {self.layer_idx}: the cache holds {n_before} tokens but no key "
+                                 "weights (it was filled by another layer type)")
+            return None
+        if not isinstance(prev, Tensor) or prev.dim() != 5 or prev.shape[0] != kf.shape[0] \
+                or prev.shape[2:] != kf.shape[2:] or prev.shape[1] < n_before:
+            got = tuple(prev.shape) if isinstance(prev, Tensor) else type(prev).__name__
+            raise ValueError(f"DCMHA layer {self.layer_idx}: the cache's state slot holds {got}, expected the key "
+                             f"weights of the {n_before} cached tokens [{kf.shape[0]}, >= {n_before}, "
+                             f"{', '.join(map(str, kf.shape[2:]))}] (a slot shared with another layer?)")
+        return prev[:, :n_before]  # the cache may have dropped tokens at its end (truncate, discard)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, qf: Tensor = None, kf: Tensor = None) -> Tensor:
+        """``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, ·]``, composition weights ``qf [B, Lq, 2, 2R+1, H]``,
+        ``kf [B, Lk, 2, 2R+1, H]`` (pre, post) → ``[B, H, Lq, Dv]``."""
+        if qf is None or kf is None:
+            raise ValueError("DCMHA.attend needs the composition weights qf and kf (call the layer on x)")
+        B, H, Lq, D = q.shape
+        Lk, G, R = k.shape[2], H // k.shape[1], self.rank
+        g = _ops.masks.Geometry(B, H, Lq, Lk)
+        mask.validate(g)
+        allowed = mask.dense(g, q.device)
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(D)
+        s = _compose(scale * q @ k.transpose(-1, -2), self.static[0], qf[:, :, 0], kf[:, :, 0], R)
+        s = s.masked_fill(~allowed, -math.inf).masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # empty rows: 0 below
+        p = _compose(torch.softmax(s, -1), self.static[1], qf[:, :, 1], kf[:, :, 1], R).masked_fill(~allowed, 0.0)
+        return p @ v
+
+    def heads(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Per-head outputs ``[B, T, H, D]`` (output gate applied), before the output projection."""
+        check_input(x, self.d_model, cu_seqlens, cache)
+        B, T, _ = x.shape
+        n_before, prev = 0, None
+        if cache is not None:
+            if not (callable(getattr(cache, "get", None)) and callable(getattr(cache, "set", None))):
+                raise TypeError(f"DCMHA decodes with a cache that also keeps a layer state (get/set, e.g. "
+                                f"DynamicCache); {type(cache).__name__} has none")
+            if hasattr(cache, "observe"):
+                raise ValueError("DCMHA cannot decode with an evicting cache (PolicyCache): its key-wise "
+                                 "composition weights are kept per cached token and would not follow evictions")
+            n_before = cache.seq_len(self.layer_idx)
+        f = self.dynamic_weights(x)
+        kf = f[:, :, 1::2]
+        if cache is not None:
+            prev = self._cached_key_weights(cache, n_before, kf)
+        q, k, v = self.qkv(x, cache, cu_seqlens)
+        if cache is not None:
+            kf = kf if prev is None else torch.cat([prev, kf], 1)
+            cache.set(self.layer_idx, kf)
+        if kf.shape[1] != k.shape[2]:
+            raise ValueError(f"DCMHA layer {self.layer_idx}: {k.shape[2]} keys but {kf.shape[1]} key weights "
+                             "(the cache returned keys this layer did not append)")
+        o = self.attend(q, k, v, layer_mask(self.causal, self.mask, cu_seqlens), f[:, :, 0::2], kf).transpose(1, 2)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.n_heads, self.head_dim)
+        return o

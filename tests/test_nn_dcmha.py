@@ -197,6 +197,24 @@ def test_dcmha_future_tokens_do_not_leak():
     assert gx[:, t0:].abs().max() == 0 and gx[:, :t0].abs().min() > 0
 
 
+def test_dcmha_non_finite_hidden_token_reaches_nothing():
+    """NaN / inf in the input of a token no row sees and whose row sees nothing (its q, k, v and query- and key-wise
+    composition weights are all non-finite) changes no other output and no gradient of the other tokens."""
+    T, t0 = 10, 6
+    m = perturb(DCMHA(d, 4, 2, mask=masks.predicate(lambda b, h, q, kv: (q >= kv) & (q != t0) & (kv != t0))).double())
+    x = x_(2, T)
+    bad = x.clone()
+    bad[:, t0, 3], bad[:, t0, 0] = float("nan"), float("inf")
+    xa, xb = x.clone().requires_grad_(True), bad.clone().requires_grad_(True)
+    ya, yb = m(xa), m(xb)
+    keep = torch.arange(T) != t0
+    torch.testing.assert_close(yb[:, keep], ya[:, keep], rtol=1e-13, atol=1e-14)
+    g = torch.randn(2, T - 1, d, dtype=F64)
+    (ga,) = torch.autograd.grad(ya[:, keep], xa, g)
+    (gb,) = torch.autograd.grad(yb[:, keep], xb, g)
+    torch.testing.assert_close(gb[:, keep], ga[:, keep], rtol=1e-12, atol=1e-13)
+
+
 def test_dcmha_decode_equals_parallel():
     m = perturb(DCMHA(d, 4, 2).double())
     x = x_(2, 9)

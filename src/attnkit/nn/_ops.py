@@ -11,6 +11,7 @@ import attnkit as _ak
 from attnkit import masks, normalizers, scores  # noqa: F401  (re-exported for the layers)
 # the linear rules' names; rule_name: the rule a deprecated alias names (with a DeprecationWarning)
 from attnkit.ops.linear import ALL_RULES as LINEAR_RULES, rule_name, value_checks  # noqa: F401
+from attnkit.ops.softmax.call import at_visible, sum_visible  # noqa: F401  (products over visible pairs only)
 
 attention = _ak.attention
 linear_attention = _ak.linear_attention

@@ -597,10 +597,16 @@ class DCMHA(Attention):
         allowed = mask.dense(g, q.device)
         k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(D)
-        s = _compose(scale * q @ k.transpose(-1, -2), self.static[0], qf[:, :, 0], kf[:, :, 0], R)
+        # products and selects over visible pairs only (at_visible / where / sum_visible), so a non-finite value
+        # of a key a row cannot see (its k, v or key-wise weights) reaches neither that row nor its gradients
+        # (Compose mixes heads at one (i, j): the pairs any head sees are computed, each head then masks its own)
+        seen = allowed.any(1, keepdim=True)
+        s = _compose(_ops.at_visible(scale * q, k.transpose(-1, -2), seen), self.static[0], qf[:, :, 0],
+                     kf[:, :, 0], R)
         s = s.masked_fill(~allowed, -math.inf).masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # empty rows: 0 below
-        p = _compose(torch.softmax(s, -1), self.static[1], qf[:, :, 1], kf[:, :, 1], R).masked_fill(~allowed, 0.0)
-        return p @ v
+        p = torch.where(seen, torch.softmax(s, -1), 0.0)
+        p = _compose(p, self.static[1], qf[:, :, 1], kf[:, :, 1], R).masked_fill(~allowed, 0.0)
+        return _ops.sum_visible(p, v, allowed)
 
     def heads(self, x: Tensor, cache=None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """Per-head outputs ``[B, T, H, D]`` (output gate applied), before the output projection."""

@@ -20,19 +20,23 @@ shares, entropy and distance (a mean over nothing). Shares are taken of the weig
 a sink logit takes is ``1 − mass``.
 
 The walk (:func:`walk_softmax`) visits the same tiles as the streaming form (``attnkit.ops.softmax.streaming``:
-query blocks × the mask's non-empty key blocks) with online softmax: per row a running max ``m``, and every
-accumulated sum is rescaled by ``e^{m_old − m_new}`` when it grows; the entropy uses
-``H = log z − Σ_j e_j (s_j − m) / z`` with ``e_j = e^{s_j − m}``, ``z = Σ e_j``, exact in one pass. Relaxed
-softmax (``(1 − γ) softmax + γ / n``) needs the final log-normalizer inside every weight: it takes two passes
-(the first computes the log-sum-exp). Elementwise normalizers (sigmoid, ReLU, ReLU², none) and the implicit
-maps of linear rules (:mod:`attnkit.analysis.linear_maps`) give exact weights per tile and use
-``H = log Z − Σ_j |p_j| log |p_j| / Z``, ``Z = Σ_j |p_j|``. Memory: O(B·H·block_q·block_k) beyond the inputs.
+query blocks × the mask's non-empty key blocks; partial tiles cut to the columns some row sees) with online
+softmax in base 2: scores ``s·log2(e)``, ``e_j = 2^{s_j − r}`` against a per-row reference ``r`` (0 while the
+row's running max stays within ±16, else the max; the sums are rescaled by ``2^{r_old − r_new}`` when it moves);
+the entropy uses ``H = ln z − ln 2 · Σ_j e_j (s_j − r) / z``, ``z = Σ e_j``, exact in one pass. Top-k keys come
+from few candidates per tile (:class:`_TopK`). Relaxed softmax (``(1 − γ) softmax + γ / n``) needs the final
+log-normalizer inside every weight: it takes two passes (the first computes the log-sum-exp). Elementwise
+normalizers (sigmoid, ReLU, ReLU², none) and the implicit maps of linear rules (:mod:`attnkit.analysis.linear_maps`)
+give exact weights per tile and use ``H = log Z − Σ_j |p_j| log |p_j| / Z``, ``Z = Σ_j |p_j|``. Memory:
+O(threads·B·H·block_q·block_k) beyond the inputs; query tiles run on ``threads`` CPU threads.
 """
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -49,6 +53,9 @@ __all__ = ["RowStats", "StatSpec", "attention_stats", "map_stats", "walk_softmax
 
 #: default tiles of the statistics walk (query rows, key columns): large tiles amortize Python per tile
 DEFAULT_BLOCKS = (256, 1024)
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
+#: the softmax walk subtracts nothing from rows whose running max (base 2) is within ±REF_BAND (see _walk_rows)
+REF_BAND = 16.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,93 @@ class _Geo:
         return pq, pk
 
 
+class _TopK:
+    """Exact top-k keys of each row of a query tile, merged tile by tile from few candidates (no sort of whole
+    tiles).
+
+    The running top-k of every row is kept sorted (``key, col, w``: ``[n, k]``); its k-th key is a lower bound
+    ``thr`` of the row's k-th key so far, raised inside a tile by the smallest of the maxima of k disjoint sets of
+    the tile's column groups (k keys of the row are at least that). A key below the bound is not among the k
+    largest, so only members ``>= thr`` of column groups whose maximum (:func:`group_max`) is ``>= thr`` are taken;
+    they are merged into the rows they touch by one small per-row sort. Ties may be broken either way. Keys
+    ``<= floor`` (masked: −inf for scores, −1 for ``|p|``) are never listed. A tile where most groups qualify (ties,
+    adversarial order) gives its own dense top-k instead (bounded work)."""
+
+    def __init__(self, K: int, n: int, like: Tensor):
+        self.K, self.n = K, n
+        self.key = like.new_full((n, K), -math.inf)
+        self.col = torch.full((n, K), -1, dtype=torch.long, device=like.device)
+        self.w = like.new_zeros(n, K)
+
+    def add(self, key: Tensor, g: Tensor, c0: int, floor: float, weight: Optional[Tensor] = None) -> None:
+        """A tile: ``key [..., lc]`` (contiguous; rows flattened to ``n``), ``g = group_max(key)``, ``weight`` the
+        values to report for the chosen keys (exact paths; else 0), columns offset by ``c0``."""
+        K, n, lc = self.K, self.n, key.shape[-1]
+        k2, g2 = key.reshape(n, lc), g.reshape(n, -1)
+        G = g2.shape[1]
+        f = torch.full((), floor, dtype=key.dtype, device=key.device)
+        thr = torch.maximum(self.key[:, -1], torch.nextafter(f, f.new_full((), math.inf)))
+        if G >= K:  # K disjoint sets of groups (j, j + K, j + 2K, ...); each set's maximum is a key of the row
+            sets = g2[:, :G // K * K]
+            while sets.shape[1] >= 2 * K:  # halve by elementwise maxima (small reductions are slow on CPU)
+                h = sets.shape[1] // K // 2 * K
+                m = torch.maximum(sets[:, :h], sets[:, h:2 * h])
+                sets = m if 2 * h == sets.shape[1] else torch.cat([m, sets[:, 2 * h:]], 1)
+            thr = torch.maximum(thr, sets.amin(1))
+        cand = (g2 >= thr[:, None]).nonzero()
+        if cand.shape[0] > n * G // 2:  # most groups qualify: the tile's own top-k
+            v, col = k2.topk(min(K, lc), -1)
+            i, t = (v >= thr[:, None]).nonzero().unbind(1)
+            rows, col, v = i, col[i, t], v[i, t]
+        else:  # members of group gi of row r: columns gi, gi + G, gi + 2G, ...
+            r, gi = cand.unbind(1)
+            v = k2.view(n, lc // G, G)[r, :, gi]  # [m, lc / G]
+            i, t = (v >= thr[r][:, None]).nonzero().unbind(1)
+            rows, col, v = r[i], gi[i] + G * t, v[i, t]
+        if rows.shape[0]:
+            w = None if weight is None else weight.reshape(n, lc)[rows, col]
+            self._merge(rows, col + c0, v, w)
+
+    def _merge(self, rows: Tensor, col: Tensor, v: Tensor, w: Optional[Tensor]) -> None:
+        """Merge candidates (``rows`` non-decreasing) into the running top-k of their rows."""
+        K = self.K
+        u, counts = torch.unique_consecutive(rows, return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), counts)
+        pos = K + torch.arange(rows.shape[0], device=u.device) - (counts.cumsum(0) - counts)[slot]
+        width = K + int(counts.max())
+        keys = self.key.new_full((u.shape[0], width), -math.inf)
+        cols = self.col.new_full((u.shape[0], width), -1)
+        keys[:, :K], cols[:, :K] = self.key[u], self.col[u]
+        keys[slot, pos], cols[slot, pos] = v, col
+        top, order = keys.sort(-1, descending=True)
+        order = order[:, :K]
+        self.key[u], self.col[u] = top[:, :K], cols.gather(1, order)
+        if w is not None:
+            ws = self.w.new_zeros(u.shape[0], width)
+            ws[:, :K] = self.w[u]
+            ws[slot, pos] = w
+            self.w[u] = ws.gather(1, order)
+
+    def result(self, shape):
+        """``(index, key, weight)``, each ``shape + (K,)``, keys descending; −1 / −inf / 0 past the listed keys."""
+        K = self.K
+        return self.col.view(*shape, K), self.key.view(*shape, K), self.w.view(*shape, K)
+
+
+#: columns per group of the top-k candidates (:func:`group_max`)
+GROUP = 16
+
+
+def group_max(x: Tensor) -> Tensor:
+    """Maxima of strided column groups ``[..., lc] -> [..., lc / GROUP]``: entry ``j`` is the largest of columns
+    ``j, j + G, j + 2G, ...`` (``G = lc / GROUP``; a reduction over a strided axis, as fast as a row maximum).
+    ``x`` itself (groups of one column) when ``lc`` is not a multiple of ``GROUP`` or is smaller than ``2·GROUP``."""
+    lc = x.shape[-1]
+    if lc % GROUP or lc < 2 * GROUP:
+        return x
+    return x.unflatten(-1, (GROUP, lc // GROUP)).amax(-2)
+
+
 class RowStatsSink:
     """Accumulates :class:`RowStats` over the tiles of a walk (one query tile at a time)."""
 
@@ -133,6 +227,12 @@ class RowStatsSink:
                         topk_index=torch.full((B, H, Lq, spec.topk), -1, dtype=torch.long, device=dev),
                         topk_weight=torch.zeros(B, H, Lq, spec.topk, dtype=dt, device=dev))
 
+    def fork(self) -> "RowStatsSink":
+        """A sink for another thread of the walk: its own per-tile sums, the same outputs (disjoint rows)."""
+        other = object.__new__(RowStatsSink)
+        other.spec, other.geo, other.out = self.spec, self.geo, self.out
+        return other
+
     # -- a query tile ---------------------------------------------------------------------------
     def begin(self, r0: int, r1: int, like: Tensor) -> None:
         B, H = like.shape[0], like.shape[1]
@@ -141,71 +241,58 @@ class RowStatsSink:
         self.r0, self.r1 = r0, r1
         self.z, self.wx, self.sink, self.win, self.dist, self.signed = (z, z.clone(), z.clone(), z.clone(),
                                                                          z.clone(), z.clone())
-        k = self.spec.topk
-        self.tk_key = like.new_full((B, H, lr, k), -math.inf)
-        self.tk_idx = torch.full((B, H, lr, k), -1, dtype=torch.long, device=like.device)
-        self.tk_w = like.new_zeros(B, H, lr, k)
+        self.top = _TopK(self.spec.topk, B * H * lr, like) if self.spec.topk else None
 
     def rescale(self, alpha: Tensor, dm: Tensor) -> None:
-        """Running max moved: sums of ``e = e^{s − m}`` scale by ``alpha``; ``Σ e (s − m)`` also shifts by ``dm``
+        """Running max moved: sums of ``e = 2^{x}`` scale by ``alpha``; ``Σ e·x`` also shifts by ``dm``
         (``m_old − m_new``). ``alpha, dm``: ``[B, H, lr]``."""
         self.wx = alpha * (self.wx + dm * self.z)
         for name in ("z", "sink", "win", "dist"):
             setattr(self, name, getattr(self, name) * alpha)
 
-    def topk(self, key: Tensor, c0: int, tmax: Tensor, p: Optional[Tensor] = None) -> None:
-        """Merge a tile's keys into the running top-k: ``key`` orders the keys (the score for softmax, ``|p|``
-        else; masked keys −inf / −1), ``tmax`` its row maxima (a tile whose maxima do not beat any row's k-th key
-        is skipped), ``p`` the weights (exact paths)."""
-        K = self.spec.topk
-        if K == 0 or not bool((tmax > self.tk_key[..., -1]).any()):
-            return
-        v, j = key.topk(min(K, key.shape[-1]), -1)
-        allv = torch.cat([self.tk_key, v], -1)
-        nv, sel = allv.topk(K, -1)
-        self.tk_key = nv
-        self.tk_idx = torch.cat([self.tk_idx, j + c0], -1).gather(-1, sel)
-        if p is not None:
-            self.tk_w = torch.cat([self.tk_w, p.gather(-1, j)], -1).gather(-1, sel)
-
     def features(self, w: Tensor, zt: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
         """Add a tile of non-negative weights ``w [B, H, lr, lc]`` (0 at masked keys) with row sums ``zt`` to the
-        z, sink, window and distance sums."""
+        z, sink, window and distance sums. Columns where every query is on one side of the key take
+        ``Σ w |Δ| = ±(P_q Σ w − Σ w·P_k)`` (a matrix-vector product); only the band of columns between the
+        tile's first and last query, and the band within the window of some query, need ``|Δ|`` per pair."""
         g, sp = self.geo, self.spec
         pq, pk = g.rel(r0, r1, c0, c1)
         lc = c1 - c0
-        # the tile's range of q − k over all pairs
-        dlo, dhi = float(pq[0]) - (lc - 1), float(pq[-1])
-        if dlo >= 0 or dhi <= 0:  # every key on one side of every query: Σ w |Δ| from Σ w and Σ w·k
-            swk = torch.matmul(w, pk)
-            dist = pq * zt - swk if dlo >= 0 else swk - pq * zt
-            d = None
-        else:
-            d = (pq[:, None] - pk[None, :]).abs_()
-            dist = torch.linalg.vecdot(w, d)
+        q_lo = r0 + g.q0 - g.k0 - c0  # the first and last query's position relative to the tile's first key
+        q_hi = q_lo + (r1 - r0) - 1
+        a = min(lc, max(0, q_lo + 1))  # columns [0, a): keys at or before every query
+        b = max(a, min(lc, q_hi))  # columns [b, lc): keys at or after every query
+        dist = torch.zeros_like(zt)
+        if a > 0:
+            dist += pq * (zt if a == lc else w[..., :a].sum(-1)) - torch.matmul(w[..., :a], pk[:a])
+        if b < lc:
+            dist += torch.matmul(w[..., b:], pk[b:]) - pq * (zt if b == 0 else w[..., b:].sum(-1))
+        if a < b:
+            dist += torch.linalg.vecdot(w[..., a:b], (pq[:, None] - pk[None, a:b]).abs_())
         self.z += zt
         self.dist += dist
-        amin = 0.0 if dlo <= 0 <= dhi else min(abs(dlo), abs(dhi))
-        amax = max(abs(dlo), abs(dhi))
-        if amax < sp.window:
+        W = sp.window
+        wa, wb = max(0, q_lo - W + 1), min(lc, q_hi + W)  # columns within the window of some query
+        if max(abs(q_lo - (lc - 1)), abs(q_hi)) < W:  # every pair
             self.win += zt
-        elif amin < sp.window:
-            if d is None:
-                d = (pq[:, None] - pk[None, :]).abs_()
-            self.win += torch.linalg.vecdot(w, (d < sp.window).to(w.dtype))
+        elif wa < wb:
+            d = (pq[:, None] - pk[None, wa:wb]).abs_()
+            self.win += torch.linalg.vecdot(w[..., wa:wb], (d < W).to(w.dtype))
         n_in = min(c1, sp.sink_tokens - g.k0) - c0  # sink keys (positions < n) in this tile
         if n_in > 0:
             self.sink += w[..., :n_in].sum(-1)
 
     # -- the two kinds of tiles ---------------------------------------------------------------------
     def add_softmax(self, x: Tensor, e: Tensor, zt: Tensor, r0, r1, c0, c1) -> None:
-        """``e = e^{s − m}`` (0 where masked) with row sums ``zt``, ``x = s − m`` (finite; consumed: the last
-        reader of the tile multiplies it in place)."""
+        """``e = 2^{x}`` (0 where masked) with row sums ``zt``, ``x = s·log2(e) − m`` in base-2 units (finite;
+        consumed: the last reader of the tile multiplies it in place)."""
         self.features(e, zt, r0, r1, c0, c1)
         self.wx += x.mul_(e).sum(-1)
 
-    def topk_softmax(self, s: Tensor, c0: int, tmax: Tensor) -> None:
-        self.topk(s, c0, tmax)
+    def topk_softmax(self, s: Tensor, g: Tensor, c0: int) -> None:
+        """A tile's scores ``s`` (base 2, −inf where masked) and their :func:`group_max` ``g``."""
+        if self.top is not None:
+            self.top.add(s, g, c0, -math.inf)
 
     def add_exact(self, p: Tensor, r0, r1, c0, c1, visible: Optional[Tensor]) -> None:
         """Exact weights ``p`` of a tile (0 where masked); ``visible`` the tile's mask or None (all visible)."""
@@ -213,35 +300,36 @@ class RowStatsSink:
         self.signed += p.sum(-1)
         self.wx += torch.special.xlogy(w, w).sum(-1)
         self.features(w, w.sum(-1), r0, r1, c0, c1)
-        if self.spec.topk:
+        if self.top is not None:
             key = w if visible is None else torch.where(visible, w, w.new_full((), -1.0))
-            self.topk(key, c0, key.amax(-1), p)
+            self.top.add(key.contiguous(), group_max(key), c0, -1.0, p)
 
-    def end(self, row_scale: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+    def end(self, row_scale: Optional[Tensor] = None, lse2: Optional[Tensor] = None,
             mass: Optional[Tensor] = None) -> None:
-        """Close the query tile. Softmax: ``row_scale = e^{m − lse}`` (what turns ``e`` into weights), the row's
-        log-normalizer ``lse`` and its ``mass``. Exact paths: an optional ``row_scale`` (a per-row normalizer
-        applied after the walk, e.g. normalized linear attention); their mass is the signed sum."""
+        """Close the query tile. Softmax: ``row_scale = 2^{m − lse2}`` (what turns ``e`` into weights), the row's
+        log-normalizer in base 2 ``lse2`` (Σ e·x, the running max and the top-k keys are in base 2 too) and its
+        ``mass``. Exact paths: an optional ``row_scale`` (a per-row normalizer applied after the walk, e.g.
+        normalized linear attention); their mass is the signed sum."""
         r0, r1, o = self.r0, self.r1, self.out
         z = self.z
         ok = z > 0
         zs = torch.where(ok, z, torch.ones_like(z))
         nan = torch.full_like(z, math.nan)
         o["valid"][:, :, r0:r1] = ok
-        o["entropy"][:, :, r0:r1] = torch.where(ok, torch.log(zs) - self.wx / zs, nan)
+        plogp = self.wx * LN2 if lse2 is not None else self.wx  # Σ e·x in nats
+        o["entropy"][:, :, r0:r1] = torch.where(ok, torch.log(zs) - plogp / zs, nan)
         for name, acc in (("sink", self.sink), ("window", self.win), ("distance", self.dist)):
             o[name][:, :, r0:r1] = torch.where(ok, acc / zs, nan)
-        scale = torch.ones_like(z) if row_scale is None or lse is not None else row_scale
+        scale = torch.ones_like(z) if row_scale is None or lse2 is not None else row_scale
         o["mass"][:, :, r0:r1] = self.signed * scale if mass is None else mass
-        if self.spec.topk:
-            got = self.tk_idx >= 0
-            if lse is not None:  # softmax: the keys are scores, the weights e^{s − lse}
-                got = got & torch.isfinite(self.tk_key)
-                w = torch.exp(torch.where(got, self.tk_key, torch.zeros_like(self.tk_key)) - lse[..., None])
+        if self.top is not None:
+            idx, key, w = self.top.result(z.shape)
+            if lse2 is not None:  # softmax: the keys are base-2 scores, the weights 2^{s − lse2}
+                w = torch.exp2(key - lse2[..., None])
             else:
-                got = got & (self.tk_key >= 0)
-                w = self.tk_w * scale[..., None]
-            o["topk_index"][:, :, r0:r1] = torch.where(got, self.tk_idx, torch.full_like(self.tk_idx, -1))
+                w = w * scale[..., None]
+            got = idx >= 0
+            o["topk_index"][:, :, r0:r1] = idx
             o["topk_weight"][:, :, r0:r1] = torch.where(got, w, torch.zeros_like(w))
 
     def result(self) -> RowStats:
@@ -282,13 +370,13 @@ class BlockSink:
     def add_softmax(self, x, e, zt, r0, r1, c0, c1) -> None:
         self._add(e, c0, c1)
 
-    def topk_softmax(self, s, c0, tmax) -> None:
+    def topk_softmax(self, s, g, c0) -> None:
         pass
 
     def add_exact(self, p, r0, r1, c0, c1, visible) -> None:
         self._add(p, c0, c1)
 
-    def end(self, row_scale: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+    def end(self, row_scale: Optional[Tensor] = None, lse2: Optional[Tensor] = None,
             mass: Optional[Tensor] = None) -> None:
         acc = self.acc if row_scale is None else self.acc * row_scale[..., None]
         rows = torch.arange(self.r0, self.r1, device=acc.device) // self.rs
@@ -307,81 +395,158 @@ class BlockSink:
 # The softmax-family walk
 # ---------------------------------------------------------------------------------------------
 
-def _scores(call: Call, q: Tensor, k: Tensor, r0, r1, c0, c1, Lk) -> Tensor:
+def _scores(call: Call, q: Tensor, k: Tensor, r0, r1, c0, c1, Lk, unit: float = 1.0,
+            scratch: Optional[dict] = None) -> Tensor:
+    """Scores of a tile times ``unit`` (``log2(e)``: base-2 units for the softmax walk), contiguous; in
+    ``scratch`` (reused between tiles) where the product is plain."""
     qa, ka, kb = call.halo(r0, r1, c0, c1, Lk)
-    if type(call) is Call and call.score_mod is None:  # scale folded into the product (one pass fewer)
+    if type(call) is Call and call.score_mod is None:  # scale and unit folded into the product (one pass fewer)
         B, G, lr, lc = call.B, call.G, r1 - r0, c1 - c0
         q3 = q[:, :, r0:r1].reshape(B * call.Hkv, G * lr, -1)
         k3 = k[:, :, c0:c1].reshape(B * call.Hkv, lc, -1)
-        s = torch.baddbmm(q3.new_empty(()).expand(q3.shape[0], G * lr, lc), q3, k3.transpose(1, 2), beta=0.0,
-                          alpha=call.scale)
+        shape = (q3.shape[0], G * lr, lc)
+        out = q3.new_empty(shape) if scratch is None else _buffer(scratch, "s", shape, q3)
+        s = torch.baddbmm(out, q3, k3.transpose(1, 2), beta=0.0, alpha=call.scale * unit, out=out)
         return s.view(B, call.Hq, lr, lc)
-    return call.scores(q[:, :, qa:r1], k[:, :, ka:kb], r0, r1, c0, c1, qa, ka)
+    s = call.scores(q[:, :, qa:r1], k[:, :, ka:kb], r0, r1, c0, c1, qa, ka)
+    return s.mul_(unit) if unit != 1.0 else s
+
+
+def _buffer(scratch: dict, name: str, shape, like: Tensor) -> Tensor:
+    """A contiguous tensor of ``shape`` kept in ``scratch`` for the next tile (on CPU a fresh tile-sized
+    allocation costs page faults: a sixth of the walk's time)."""
+    n = math.prod(shape)
+    b = scratch.get(name)
+    if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+        b = scratch[name] = like.new_empty(n)
+    return b[:n].view(shape)
 
 
 def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int, block_k: int,
-                 row_scale: Optional[Tensor] = None) -> None:
+                 row_scale: Optional[Tensor] = None, threads: int = 1) -> None:
     """Feed every non-empty tile of ``call``'s map to ``sinks`` (:class:`RowStatsSink`, :class:`BlockSink`).
 
-    Softmax normalizers (plain, sink logit, off-by-one): one pass with online rescaling; relaxed softmax: a first
-    pass for the log-sum-exp, then exact weights; elementwise normalizers: exact weights in one pass, times
+    Softmax normalizers (plain, sink logit, off-by-one): one pass with online rescaling, in base 2 (scores times
+    ``log2(e)``, ``e = 2^{s − m}``: the same weights, a cheaper exponential); relaxed softmax: a first pass for the
+    log-sum-exp, then exact weights; elementwise normalizers: exact weights in one pass, times
     ``row_scale [B, H, Lq]`` when given (bidirectional normalized linear attention).
+
+    ``threads > 1``: query tiles are shared out to that many Python threads (heaviest first), each with its own
+    :meth:`fork` of every sink and one intra-op thread (set for the duration of the call, then restored): no
+    OpenMP barrier per operation, and a core taken by another process slows the walk instead of stalling it.
     """
-    norm = call.normalizer
     plan = _Plan(call, block_q, block_k)
-    Lq, Lk = call.Lq, call.Lk
-    soft = norm.family == "softmax"
-    lse_all = _lse_pass(call, q, k, plan) if soft and norm.gamma > 0 else None
-    for i, r0, r1 in plan.rows(Lq):
-        like = q.new_empty(call.B, call.Hq, 1)
+    norm = call.normalizer
+    lse_all = _lse_pass(call, q, k, plan) if norm.family == "softmax" and norm.gamma > 0 else None
+    tiles = list(plan.rows(call.Lq))
+    if threads <= 1 or len(tiles) < 2:
+        scratch: dict = {}
+        for t in tiles:
+            _walk_rows(call, q, k, sinks, plan, *t, lse_all, row_scale, scratch)
+        return
+    tiles.sort(key=lambda t: -int(plan.visit[t[0]].sum()))
+    queue, lock = iter(tiles), threading.Lock()
+    grad = torch.is_grad_enabled()
+
+    def work():
+        mine, scratch = [sk.fork() for sk in sinks], {}
+        with torch.set_grad_enabled(grad):
+            while True:
+                with lock:
+                    t = next(queue, None)
+                if t is None:
+                    return
+                _walk_rows(call, q, k, mine, plan, *t, lse_all, row_scale, scratch)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as ex:
+            for f in [ex.submit(work) for _ in range(threads)]:
+                f.result()
+    finally:
+        torch.set_num_threads(n)
+
+
+def _walk_rows(call: Call, q: Tensor, k: Tensor, sinks: Sequence, plan: _Plan, i: int, r0: int, r1: int,
+               lse_all: Optional[Tensor], row_scale: Optional[Tensor], scratch: dict) -> None:
+    """One query tile (rows ``[r0, r1)``) of :func:`walk_softmax`; ``scratch`` holds tile buffers reused by the
+    next tile (the sinks must not keep references to the tiles they are given).
+
+    Online softmax in base 2 with a per-row reference ``ref`` (``e = 2^{s − ref}``): 0 while the row's running
+    max lies within ±:data:`REF_BAND` (no subtraction pass at all when every row is there), else the running max;
+    the sums are rescaled by ``2^{ref_old − ref_new}`` when it moves (never above 1 for a row that has keys)."""
+    norm, Lk = call.normalizer, call.Lk
+    online = norm.family == "softmax" and lse_all is None
+    like = q.new_empty(call.B, call.Hq, 1)
+    for sk in sinks:
+        sk.begin(r0, r1, like)
+    if online:
+        m = q.new_full((call.B, call.Hq, r1 - r0), -math.inf)
+        ref = torch.zeros_like(m)
+        z = torch.zeros_like(m)
+    for j, c0, c1, is_full in plan.cols(i, Lk):
+        mb = None
+        if not is_full:
+            mb, c0, c1 = _trim(call.mask_block(r0, r1, c0, c1), c0, c1)
+            if mb is None:
+                continue
+        s = _scores(call, q, k, r0, r1, c0, c1, Lk, LOG2E if online else 1.0, scratch if online else None)
+        if not online:
+            p = _exact_weights(call, s, mb, r0, r1, lse_all)
+            for sk in sinks:
+                sk.add_exact(p, r0, r1, c0, c1, mb)
+            continue
+        if mb is not None:  # an additive 0 / −inf bias on the (small) mask: one fast broadcast add
+            s = s.add_(torch.zeros(mb.shape, dtype=s.dtype, device=s.device).masked_fill_(~mb, -math.inf))
+        g = group_max(s)
         for sk in sinks:
-            sk.begin(r0, r1, like)
-        if soft and lse_all is None:
-            m = q.new_full((call.B, call.Hq, r1 - r0), -math.inf)
-            m_use = torch.zeros_like(m)
-            z = torch.zeros_like(m)
-        for j, c0, c1, is_full in plan.cols(i, Lk):
-            s = _scores(call, q, k, r0, r1, c0, c1, Lk)
-            mb = None if is_full else call.mask_block(r0, r1, c0, c1)
-            if soft and lse_all is None:
-                if mb is not None:  # an additive 0 / −inf bias on the (small) mask: one fast broadcast add
-                    s = s.add_(torch.zeros(mb.shape, dtype=s.dtype, device=s.device).masked_fill_(~mb, -math.inf))
-                tmax = s.amax(-1)
-                for sk in sinks:
-                    sk.topk_softmax(s, c0, tmax)
-                m_new = torch.maximum(m, tmax)
-                mu_new = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-                if bool((mu_new != m_use).any()):
-                    alpha, dm = torch.exp(m_use - mu_new), m_use - mu_new
-                    alpha = torch.where(torch.isfinite(m), alpha, torch.zeros_like(alpha))
-                    for sk in sinks:
-                        sk.rescale(alpha, dm)
-                    z = z * alpha
-                m, m_use = m_new, mu_new
-                x = s.sub_(m_use[..., None])
-                e = torch.exp(x)
-                if mb is not None:  # masked: x = −inf, e = 0; a finite x keeps e·x = 0 there (no 0·∞)
-                    x = x.clamp_(min=torch.finfo(x.dtype).min)
-                zt = e.sum(-1)
-                z = z + zt
-                for sk in sinks:
-                    sk.add_softmax(x, e, zt, r0, r1, c0, c1)
-            else:
-                p = _exact_weights(call, s, mb, r0, r1, lse_all)
-                for sk in sinks:
-                    sk.add_exact(p, r0, r1, c0, c1, mb)
-        if soft and lse_all is None:
-            log_keys = torch.where(z > 0, torch.log(torch.where(z > 0, z, torch.ones_like(z))) + m_use,
-                                   torch.full_like(z, -math.inf))
-            sink = norm.sink_logits(call.Hq, q)
-            lse = log_keys if sink is None else torch.logaddexp(log_keys, sink[..., 0].expand_as(log_keys))
-            lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-            mass = torch.exp(log_keys - lse_f)
+            sk.topk_softmax(s, g, c0)
+        m_old, m = m, torch.maximum(m, g.amax(-1))
+        ref_new = torch.where(torch.isfinite(m) & (m.abs() > REF_BAND), m, torch.zeros_like(m))
+        if bool((ref_new != ref).any()):
+            alpha, dm = torch.exp2(ref - ref_new), ref - ref_new
+            alpha = torch.where(torch.isfinite(m_old), alpha, torch.zeros_like(alpha))  # rows without keys: 0
             for sk in sinks:
-                sk.end(torch.exp(m_use - lse_f), lse_f, mass)
-        else:
-            for sk in sinks:
-                sk.end(None if row_scale is None else row_scale[:, :, r0:r1])
+                sk.rescale(alpha, dm)
+            z = z * alpha
+            ref = ref_new
+        x = s.sub_(ref[..., None]) if bool(ref.any()) else s
+        e = torch.exp2(x, out=_buffer(scratch, "e", x.shape, x))
+        if mb is not None:  # masked: x = −inf, e = 0; a finite x keeps e·x = 0 there (no 0·∞)
+            x = x.clamp_(min=torch.finfo(x.dtype).min)
+        zt = e.sum(-1)
+        z = z + zt
+        for sk in sinks:
+            sk.add_softmax(x, e, zt, r0, r1, c0, c1)
+    if not online:
+        for sk in sinks:
+            sk.end(None if row_scale is None else row_scale[:, :, r0:r1])
+        return
+    log_keys = torch.where(z > 0, (torch.log2(torch.where(z > 0, z, torch.ones_like(z))) + ref) * LN2,
+                           torch.full_like(z, -math.inf))  # natural log of Σ over keys of e^{s}
+    sink = norm.sink_logits(call.Hq, q)
+    lse = log_keys if sink is None else torch.logaddexp(log_keys, sink[..., 0].expand_as(log_keys))
+    lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    mass = torch.exp(log_keys - lse_f)
+    lse2 = lse_f * LOG2E
+    for sk in sinks:
+        sk.end(torch.exp2(ref - lse2), lse2, mass)
+
+
+def _trim(mb: Tensor, c0: int, c1: int):
+    """A partial tile cut to its columns that some row sees (rounded out to whole :data:`GROUP` s): ``(mask, c0,
+    c1)``, or ``(None, c0, c1)`` when no pair of the tile is visible."""
+    cols = mb.reshape(-1, mb.shape[-1]).any(0).nonzero()
+    if cols.shape[0] == 0:
+        return None, c0, c1
+    lc, a, b = c1 - c0, int(cols[0]), int(cols[-1]) + 1
+    if b - a == lc:
+        return mb, c0, c1
+    if b - a >= 2 * GROUP and (b - a) % GROUP:  # whole groups keep the top-k's grouping (see group_max)
+        b = min(lc, a + -(-(b - a) // GROUP) * GROUP)
+        a = max(0, b - -(-(b - a) // GROUP) * GROUP)
+    return mb[..., a:b], c0 + a, c0 + b
 
 
 def _lse_pass(call: Call, q: Tensor, k: Tensor, plan) -> Tensor:
@@ -452,20 +617,26 @@ def attention_stats(q: Tensor, k: Tensor, *, mask: MaskLike = None,
                     normalizer: Union[str, Normalizer] = "softmax", scale: Optional[float] = None,
                     layout: str = "bhtd", q_offset: Optional[int] = None, kv_offset: int = 0, sink_tokens: int = 4,
                     window: int = 64, topk: int = 8, block_q: Optional[int] = None,
-                    block_k: Optional[int] = None) -> RowStats:
+                    block_k: Optional[int] = None, threads: Optional[int] = None) -> RowStats:
     """Exact row statistics of the softmax-family map ``p = normalizer(score_mod(scale · q kᵀ))`` over the
-    visible keys, in one streaming pass (two for relaxed softmax); memory O(B·H·block_q·block_k).
+    visible keys, in one streaming pass (two for relaxed softmax); memory O(threads·B·H·block_q·block_k).
 
     ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (``layout="bthd"``: ``[B, T, H, D]``; GQA as in
     :func:`attnkit.attention`, whose mask / score_mod / normalizer / scale / offsets these are). Statistics
     are computed in float32 (float64 for float64 inputs). See the module docstring for what each one means.
+    ``threads``: CPU threads of the walk (default ``torch.get_num_threads()``; see :func:`walk_softmax`; 1 on
+    other devices).
     """
     spec = StatSpec(sink_tokens, window, topk)
     call, qc, kc = _problem(q, k, mask, score_mod, normalizer, scale, layout, q_offset, kv_offset)
     bq, bk = _blocks(block_q, block_k)
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     sink = RowStatsSink(call.B, call.Hq, call.Lq, spec, _Geo(call.geom.q0, call.geom.k0, call.cdtype, qc.device))
     with torch.no_grad():
-        walk_softmax(call, qc, kc, [sink], bq, bk)
+        walk_softmax(call, qc, kc, [sink], bq, bk, threads=threads if qc.device.type == "cpu" else 1)
     return sink.result()
 
 

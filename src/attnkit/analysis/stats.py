@@ -423,23 +423,24 @@ def _buffer(scratch: dict, name: str, shape, like: Tensor) -> Tensor:
 
 
 def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int, block_k: int,
-                 row_scale: Optional[Tensor] = None, threads: int = 1) -> None:
+                 row_scale: Optional[Tensor] = None, threads: Optional[int] = None) -> None:
     """Feed every non-empty tile of ``call``'s map to ``sinks`` (:class:`RowStatsSink`, :class:`BlockSink`).
 
     Softmax normalizers (plain, sink logit, off-by-one): one pass with online rescaling, in base 2 (scores times
-    ``log2(e)``, ``e = 2^{s − m}``: the same weights, a cheaper exponential); relaxed softmax: a first pass for the
+    ``log2(e)``, ``e = 2^{s − r}``: the same weights, a cheaper exponential); relaxed softmax: a first pass for the
     log-sum-exp, then exact weights; elementwise normalizers: exact weights in one pass, times
     ``row_scale [B, H, Lq]`` when given (bidirectional normalized linear attention).
 
-    ``threads > 1``: query tiles are shared out to that many Python threads (heaviest first), each with its own
-    :meth:`fork` of every sink and one intra-op thread (set for the duration of the call, then restored): no
-    OpenMP barrier per operation, and a core taken by another process slows the walk instead of stalling it.
+    ``threads=None``: one Python thread, torch's intra-op threads as the caller set them. ``threads=n``: query
+    tiles are shared out to ``n`` Python threads (heaviest first; with ``n > 1`` each has its own :meth:`fork` of
+    every sink), each with one intra-op thread (set for the duration of the call, then restored): no OpenMP
+    barrier per operation, so a core taken by another process slows the walk instead of stalling it.
     """
     plan = _Plan(call, block_q, block_k)
     norm = call.normalizer
     lse_all = _lse_pass(call, q, k, plan) if norm.family == "softmax" and norm.gamma > 0 else None
     tiles = list(plan.rows(call.Lq))
-    if threads <= 1 or len(tiles) < 2:
+    if threads is None:
         scratch: dict = {}
         for t in tiles:
             _walk_rows(call, q, k, sinks, plan, *t, lse_all, row_scale, scratch)
@@ -448,8 +449,8 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
     queue, lock = iter(tiles), threading.Lock()
     grad = torch.is_grad_enabled()
 
-    def work():
-        mine, scratch = [sk.fork() for sk in sinks], {}
+    def work(own):
+        mine, scratch = [sk.fork() for sk in sinks] if own else sinks, {}
         with torch.set_grad_enabled(grad):
             while True:
                 with lock:
@@ -461,9 +462,12 @@ def walk_softmax(call: Call, q: Tensor, k: Tensor, sinks: Sequence, block_q: int
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads) as ex:
-            for f in [ex.submit(work) for _ in range(threads)]:
-                f.result()
+        if threads == 1 or len(tiles) < 2:
+            work(False)
+        else:
+            with ThreadPoolExecutor(threads) as ex:
+                for f in [ex.submit(work, True) for _ in range(threads)]:
+                    f.result()
     finally:
         torch.set_num_threads(n)
 
@@ -624,8 +628,8 @@ def attention_stats(q: Tensor, k: Tensor, *, mask: MaskLike = None,
     ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (``layout="bthd"``: ``[B, T, H, D]``; GQA as in
     :func:`attnkit.attention`, whose mask / score_mod / normalizer / scale / offsets these are). Statistics
     are computed in float32 (float64 for float64 inputs). See the module docstring for what each one means.
-    ``threads``: CPU threads of the walk (default ``torch.get_num_threads()``; see :func:`walk_softmax`; 1 on
-    other devices).
+    ``threads``: CPU cores of the walk (default ``torch.get_num_threads()``): that many Python threads with one
+    intra-op thread each (see :func:`walk_softmax`); ignored on other devices.
     """
     spec = StatSpec(sink_tokens, window, topk)
     call, qc, kc = _problem(q, k, mask, score_mod, normalizer, scale, layout, q_offset, kv_offset)
@@ -636,7 +640,7 @@ def attention_stats(q: Tensor, k: Tensor, *, mask: MaskLike = None,
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     sink = RowStatsSink(call.B, call.Hq, call.Lq, spec, _Geo(call.geom.q0, call.geom.k0, call.cdtype, qc.device))
     with torch.no_grad():
-        walk_softmax(call, qc, kc, [sink], bq, bk, threads=threads if qc.device.type == "cpu" else 1)
+        walk_softmax(call, qc, kc, [sink], bq, bk, threads=threads if qc.device.type == "cpu" else None)
     return sink.result()
 
 

@@ -203,3 +203,55 @@ def test_compiled_flex_cpu():
     ref = attnkit.attention(q.double(), k.double(), v.double(), mask=mask, score_mod=mod, form="materialized",
                             backend="reference")
     assert_close(out, ref, atol=2e-5, rtol=1e-4, what="compiled flex")
+
+
+def _window_reference(q, k, v, w, scale):
+    """float64 softmax attention under ``causal & sliding_window(w)`` from the definition: query row i sits at
+    position i + Lk - Lq and sees keys j with pos - w <= j <= pos; a row without keys gives 0."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    pos = torch.arange(Lq)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk)[None, :]
+    seen = (j <= pos) & (j >= pos - w)
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def test_compiled_flex_one_compile_per_mask_structure():
+    """The Flex peer compiles once for a mask structure: other lengths (Lq = Lk, Lq != Lk, one block of queries,
+    Lq > Lk with key-less rows) and other window sizes reuse the kernel (Dynamo's graph count grows by one), and
+    every call equals the float64 definition. (Head dim 64: torch 2.13's compiled CPU Flex returns garbage rows for
+    some small shapes at head dim <= 16, static or dynamic, e.g. B=1 H=2 Lq=40 Lk=56 D=16.)"""
+    from torch._dynamo.utils import counters
+    from attnkit.tools.peers import flex_call
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    before = counters["stats"]["unique_graphs"]
+    for Lq, Lk, w in [(48, 48, 5), (96, 200, 17), (130, 130, 40), (70, 20, 3), (33, 301, 100)]:
+        mask = M.causal & M.sliding_window(w) & ~M.sinks(0)  # ~sinks(0) sees every key: a structure no other test compiles
+        q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype=torch.float32)
+        fn = flex_call(mask, None, B, Hq, Hkv, Lq, Lk, q.device, D ** -0.5)
+        with torch.no_grad():
+            out = fn(q, k, v)
+        assert fn.compiled == "dynamic", (Lq, Lk, fn.dynamic_error)
+        assert_close(out, _window_reference(q, k, v, w, D ** -0.5), atol=2e-6, rtol=1e-5, what=f"compiled flex Lq={Lq} Lk={Lk} w={w}")
+    assert counters["stats"]["unique_graphs"] - before == 1, "the Flex peer recompiled for a new length or window"
+
+
+def test_compiled_flex_static_fallback(monkeypatch):
+    """Where the dynamic-shape compile fails, the peer compiles for the shape instead, says so, and is exact."""
+    from attnkit.tools import peers as P
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated Inductor failure on dynamic shapes")
+    monkeypatch.setitem(P._flex, True, broken)
+    B, Hq, Lq, Lk, D, w = 1, 2, 40, 56, 64, 7
+    q, k, v = rand_qkv(B, Hq, Hq, Lq, Lk, D, D, dtype=torch.float32)
+    fn = P.flex_call(M.causal & M.sliding_window(w), None, B, Hq, Hq, Lq, Lk, q.device, D ** -0.5)
+    with torch.no_grad():
+        out = fn(q, k, v)
+        again = fn(q, k, v)
+    assert fn.compiled == "static" and "simulated" in fn.dynamic_error
+    assert_close(out, _window_reference(q, k, v, w, D ** -0.5), atol=2e-6, rtol=1e-5, what="static fallback")
+    assert torch.equal(out, again)

@@ -223,14 +223,15 @@ def test_list_fits_120_columns(capsys):
 
 def test_timing_spread_warmup_and_noise_flag():
     """measure(): at least min_rep samples, min <= median <= max; a burst of calls 10x slower is flagged noisy;
-    warm-up runs until the call times settle."""
+    warm-up runs until the call times stop falling; a slow call is sampled exactly min_rep times; the peak memory
+    comes from a warm-up call."""
     import time as _time
-    from attnkit.tools.timing import measure, time_ms, warm_up
+    from attnkit.tools.timing import cpu_peak_supported, measure, time_ms, warm_up
     t = measure(lambda: _time.sleep(0.001), min_rep=7, min_time_s=0.0)
     assert t.n >= 7 and t.min <= t.q1 <= t.median <= t.q3 <= t.max and 0.9 < t.median < 20
     calls = {"n": 0}
 
-    def spiky():  # a burst of load: calls 80-109 run 10x slower (warm-up ends by call 50, block sizing by 61)
+    def spiky():  # a burst of load: calls 80-109 run 10x slower (warm-up ends within a few calls)
         calls["n"] += 1
         _time.sleep(0.01 if 80 <= calls["n"] < 110 else 0.001)
     s = measure(spiky, min_rep=15, min_time_s=0.5)
@@ -241,7 +242,22 @@ def test_timing_spread_warmup_and_noise_flag():
         _time.sleep(next(delays))
     n, stable, last = warm_up(settling, max_s=5.0)
     assert n >= 7 and stable and last < 10
+    made = {"n": 0}
+
+    def counted():
+        made["n"] += 1
+        _time.sleep(0.002)
+    n, stable, _ = warm_up(counted, primed=True, max_s=5.0)  # the caller made the first call
+    assert stable and made["n"] == n - 1 >= 2
+    slow = measure(lambda: _time.sleep(0.03), min_rep=5, min_time_s=0.0)
+    assert slow.n == 5 and slow.per_sample == 1 and slow.median >= 30
     assert isinstance(time_ms(lambda: None, rep=2), float)
+    nbytes = 64 * 2 ** 20
+    mem = measure(lambda: torch.ones(nbytes // 4).sum(), min_rep=2, min_time_s=0.0, memory=True)
+    if cpu_peak_supported():
+        assert 0.9 * nbytes <= mem.peak_bytes < 2 * nbytes, mem.peak_bytes
+    else:
+        assert mem.peak_bytes is None
 
 
 def test_default_bench_variants_exist():

@@ -245,7 +245,11 @@ def _flex_build(v, spec, inputs, backward):
     fn = flex_call(mask, score_mod, B, Hq, k.shape[1], Lq, k.shape[2], q.device, 1.0 / math.sqrt(D))
     if fn is None:
         return f"{score_mod!r} has no FlexAttention score_mod form"
-    return (lambda: fn(q, k, vv)), inputs
+
+    def run():
+        return fn(q, k, vv)
+    run.flex = fn  # which compile ran it (peers.flex_call)
+    return run, inputs
 
 
 #: fla 0.6's chunk kernel per attnkit rule: (module, function, gate keyword or None)
@@ -337,7 +341,8 @@ def _flashinfer_build(v, spec, inputs, backward):
 #: every peer, in table order
 PEERS: Tuple[Peer, ...] = (
     _sdpa_peer("cudnn"), _sdpa_peer("flash"), _sdpa_peer("efficient"), _sdpa_peer("math"),
-    Peer("flex", "softmax", ("cpu", "cuda"), _flex_build, "FlexAttention, torch.compile'd per shape"),
+    Peer("flex", "softmax", ("cpu", "cuda"), _flex_build,
+         "FlexAttention, torch.compile'd (CPU: once per mask, dynamic lengths; CUDA: per shape)"),
     Peer("flash-attn", "softmax", ("cuda",), _flash_attn_build, "FlashAttention 2 (flash_attn_func)"),
     Peer("flashinfer", "softmax", ("cuda",), _flashinfer_build, "FlashInfer single_prefill_with_kv_cache"),
     Peer("fla", "linear", ("cpu", "cuda"), _fla_build, "flash-linear-attention chunk kernels"),
@@ -350,9 +355,9 @@ def peer_names(device) -> List[str]:
     return [p.name for p in PEERS if dev in p.devices and not (dev == "cuda" and p.name == "sdpa-math")]
 
 
-#: on a CPU, each compiled FlexAttention shape costs seconds (~6 s of C++ compilation on one core)
-FLEX_CPU_NOTE = ("not timed by default on a CPU where SDPA computes the cell (each compiled FlexAttention shape "
-                 "costs ~6 s); --peers all times it everywhere")
+#: on a CPU, each compiled FlexAttention mask costs seconds (~6 s of C++ compilation on one core)
+FLEX_CPU_NOTE = ("not timed by default on a CPU where SDPA computes the cell (compiling FlexAttention costs ~6 s "
+                 "per mask); --peers all times it everywhere")
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -388,13 +393,13 @@ class _Opts:
     flex_everywhere: bool = True
 
 
-def _time_row(row: BenchRow, v: Variant, spec: Spec, step: Callable, o: _Opts) -> None:
+def _time_row(row: BenchRow, v: Variant, spec: Spec, step: Callable, o: _Opts, primed: bool = False) -> None:
+    """Time ``step`` into ``row`` (``primed``: its first call, the one that fills caches, was just made)."""
     t = measure(step, o.device, min_rep=o.rep, min_time_s=o.min_time_s, warmup_max_s=o.warmup_max_s,
-                warmup_min_calls=o.warmup)
+                warmup_min_calls=o.warmup, primed=primed, memory=o.measure_memory)
     row.set_timing(t)
-    if o.measure_memory:
-        mem = peak_memory(step, o.device)
-        row.mem_mib = None if mem is None else mem / 2 ** 20
+    if t.peak_bytes is not None:
+        row.mem_mib = t.peak_bytes / 2 ** 20
     row.tflops = _tflops(v, spec, row.mode, row.ms)
 
 
@@ -442,7 +447,7 @@ class _Cell:
             inputs = self.get_inputs()
             step = make_step(v, inputs, form, o.backend, backward=(mode == "fwd+bwd"))
             row.backend = _ran(step, o.backend)  # also the first warm-up call
-            _time_row(row, v, spec, step, o)
+            _time_row(row, v, spec, step, o, primed=True)
         except (RuntimeError, ValueError, MemoryError) as e:  # report, never hide
             row.status, row.note = "error", _err(e)
         return row
@@ -467,12 +472,18 @@ class _Cell:
                 row.status, row.note = "n/a", built
                 return row
             fn, own = built
+            primed = False
             if peer.name not in self.verdict:  # the first call (a compile for Flex), checked against attnkit
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     out = fn()
                 sync(o.device)
                 row.extra["first_call_s"] = round(time.perf_counter() - t0, 3)
+                primed = not backward  # the forward step is this call
+                if getattr(fn, "flex", None) is not None:
+                    row.extra["flex_compile"] = fn.flex.compiled
+                    if fn.flex.dynamic_error:
+                        row.extra["flex_dynamic_error"] = fn.flex.dynamic_error
                 err = rel_err(out.reshape(self.reference().shape), self.reference())
                 tol = _agree_tol(spec.dtype)
                 self.verdict[peer.name] = ("ok", "") if err <= tol else (
@@ -482,7 +493,7 @@ class _Cell:
                     row.status, row.note = self.verdict[peer.name]
                     return row
             row.backend = peer.name
-            _time_row(row, v, spec, step_of(fn, own, backward), o)
+            _time_row(row, v, spec, step_of(fn, own, backward), o, primed=primed)
         except NotImplementedError as e:
             row.status, row.note = "n/a", _err(e)
         except (RuntimeError, ValueError, MemoryError, TypeError, AssertionError) as e:
@@ -545,8 +556,10 @@ def sweep(variants: Sequence[Variant], patterns: Sequence[str], lengths: Sequenc
                 row.status, row.note = "n/a", f"not run: --budget {budget_s:g} s reached"
                 rows.append(row)
             else:
+                t_row = time.perf_counter()
                 rows.append(cell.form_row(name, mode, max_recurrent_T) if kind == "form"
                             else cell.peer_row(known[name], mode))
+                rows[-1].extra["wall_s"] = round(time.perf_counter() - t_row, 3)  # what the row cost the run
             done += 1
         cell.inputs = cell._ref = None  # free the cell's tensors
     for r in _off_trend(rows):

@@ -2,8 +2,8 @@
 
 :func:`measure` runs ``fn`` until its call times settle (warm-up), then samples it with
 ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls, every sample kept) or
-``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (blocks of calls long enough that the timer's overhead
-vanishes, all threads, accelerator synchronized), and
+``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (blocks of calls lasting :data:`BLOCK_MS`, the block
+size taken from the warm-up; all threads, accelerator synchronized), and
 returns a :class:`Timing`: every sample in milliseconds, min / quartiles / median / max and flags.
 
 :func:`peak_memory` is the peak *extra* memory of one call over what was allocated before it: on CUDA
@@ -13,6 +13,7 @@ resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resi
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 __all__ = ["sync", "Timing", "warm_up", "measure", "time_ms", "peak_memory", "cpu_peak_supported",
-           "NOISY_RATIO"]
+           "NOISY_RATIO", "BLOCK_MS"]
 
 #: a cell whose slowest sample exceeds this multiple of its median is flagged ``noisy``
 NOISY_RATIO = 2.0
@@ -56,6 +57,7 @@ class Timing:
     method: str = ""
     per_sample: int = 1
     flags: List[str] = field(default_factory=list)
+    peak_bytes: Optional[int] = None  #: peak extra memory of one call (see :func:`measure`'s ``memory``)
 
     def __post_init__(self):
         if not self.samples:
@@ -84,37 +86,71 @@ class Timing:
 
 
 def warm_up(fn: Callable[[], Any], device="cpu", *, min_calls: int = 2, max_calls: int = 50, max_s: float = 2.0,
-            rel_tol: float = 0.15) -> tuple:
-    """Call ``fn`` until two consecutive call times agree within ``rel_tol`` of their mean (after at least
-    ``min_calls`` calls; the first call, which compiles and fills caches, never counts), at most ``max_calls``
-    calls or ``max_s`` seconds. Returns ``(calls, stable, last_ms)``."""
+            rel_tol: float = 0.15, primed: bool = False) -> tuple:
+    """Call ``fn`` until its call time stops falling: the newest call is no faster than ``1 - rel_tol`` times the
+    fastest call before it, and neither was the call before it (unless it was the first timed one). The first call,
+    which compiles and fills caches, never counts (``primed``: the caller has made it already). At least
+    ``min_calls`` calls in all (a primed call included), at most ``max_calls`` or ``max_s`` seconds. Noise does not
+    prolong the warm-up (it shows in the samples' spread); a trend does. Returns ``(calls, stable, last_ms)``."""
     dev = torch.device(device)
-    times: List[float] = []
+    times: List[float] = []  # the counted calls
     t_start = time.perf_counter()
-    calls = 0
+    calls = 1 if primed else 0
+    settled = []  # per counted call: no faster than (1 - rel_tol) x the fastest counted call before it
     while True:
         sync(dev)
         t0 = time.perf_counter()
         fn()
         sync(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
+        ms = (time.perf_counter() - t0) * 1e3
         calls += 1
-        tail = times[1:][-2:]
-        if calls >= max(min_calls, 3) and len(tail) == 2:
-            med = statistics.median(tail)
-            if max(tail) - min(tail) <= rel_tol * med:
-                return calls, True, med
+        if calls == 1:  # the uncounted first call
+            continue
+        settled.append(bool(times) and ms >= (1 - rel_tol) * min(times))
+        times.append(ms)
+        if calls >= min_calls and settled[-1] and (len(settled) == 2 or settled[-2]):
+            return calls, True, statistics.median(times[-2:])
         if calls >= max_calls or time.perf_counter() - t_start > max_s:
             return calls, False, times[-1]
 
 
+#: on a CPU a sample is the mean of enough calls to last this long (one call when a call takes longer): the timer's
+#: own ~1 us per sample is then at most 0.1% of it
+BLOCK_MS = 1.0
+
+
+def _timer(fn: Callable[[], Any], number: int):
+    """``torch.utils.benchmark.Timer`` for ``fn()`` on all of torch's threads whose ``blocked_autorange`` runs blocks
+    of ``number`` calls: the block size comes from the warm-up's call time instead of Timer's own estimate (1, 10,
+    100, ... untimed calls until a block is 10^4 x the timer's overhead, run again on every call)."""
+    from torch.utils.benchmark import Timer
+
+    class BlockTimer(Timer):
+        def _estimate_block_size(self, min_run_time: float) -> int:
+            return number
+    return BlockTimer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s: float = 0.1,
-            warmup_max_s: float = 2.0, warmup_min_calls: int = 2) -> Timing:
-    """Warm ``fn`` up until stable (:func:`warm_up`), then sample it at least ``min_rep`` times and for at least
-    ``min_time_s`` seconds: ``triton.testing.do_bench`` on CUDA (every call timed with CUDA events),
-    ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads, accelerator synchronized)."""
+            warmup_max_s: float = 2.0, warmup_min_calls: int = 2, primed: bool = False,
+            memory: bool = False) -> Timing:
+    """Warm ``fn`` up until stable (:func:`warm_up`; ``primed``: its first call was made already), then sample it at
+    least ``min_rep`` times and for at least ``min_time_s`` seconds: ``triton.testing.do_bench`` on CUDA (every call
+    timed with CUDA events), ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads,
+    accelerator synchronized; one block of :data:`BLOCK_MS` per run, as many runs as the sample count needs).
+    ``memory``: the first warm-up call after the first call of all is made through :func:`peak_memory`
+    (``Timing.peak_bytes``), which spares a call of its own."""
     dev = torch.device(device)
-    calls, stable, last_ms = warm_up(fn, dev, min_calls=warmup_min_calls, max_s=warmup_max_s)
+    peak: Dict[str, Optional[int]] = {}
+    warm, n = fn, [0]
+    if memory:
+        def warm():  # the first counted warm-up call (caches filled) also measures the peak memory
+            n[0] += 1
+            if n[0] == (1 if primed else 2):
+                peak["bytes"] = peak_memory(fn, dev)
+                return None
+            return fn()
+    calls, stable, last_ms = warm_up(warm, dev, min_calls=warmup_min_calls, max_s=warmup_max_s, primed=primed)
     min_rep = max(1, int(min_rep))
     if dev.type == "cuda":
         try:
@@ -126,20 +162,15 @@ def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s
             samples = list(do_bench(fn, warmup=1, rep=rep_ms, return_mode="all"))
             while len(samples) < min_rep:  # do_bench's estimate ran long: top up with single calls
                 samples += list(do_bench(fn, warmup=1, rep=1, return_mode="all"))
-            return Timing([float(s) for s in samples], calls, stable, "triton.testing.do_bench")
-    from torch.utils.benchmark import Timer
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    # blocked_autorange picks the calls per block (timer overhead <= 1e-4 of a block) and samples blocks for
-    # min_run_time; one more run tops up when the blocks came out longer than the warm-up suggested
+            return Timing([float(s) for s in samples], calls, stable, "triton.testing.do_bench",
+                          peak_bytes=peak.get("bytes"))
+    number = max(1, math.ceil(BLOCK_MS / max(last_ms, 1e-6)))
+    timer = _timer(fn, number)
     samples: List[float] = []
-    numbers: List[int] = []
-    run_s = max(min_time_s, min_rep * last_ms * 1e-3)
-    while len(samples) < min_rep:
-        m = timer.blocked_autorange(min_run_time=run_s)
-        samples += [t * 1e3 for t in m.times]
-        numbers.append(m.number_per_run)
-        run_s = 1.05 * (min_rep - len(samples)) * m.number_per_run * m.median
-    return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", max(numbers))
+    while len(samples) < min_rep or sum(samples) * number < min_time_s * 1e3:
+        samples += [t * 1e3 for t in timer.blocked_autorange(min_run_time=0.0).times]  # one block per run
+    return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", number,
+                  peak_bytes=peak.get("bytes"))
 
 
 def time_ms(fn: Callable[[], Any], device="cpu", warmup: int = 2, rep: int = 5, min_time_s: float = 0.0) -> float:

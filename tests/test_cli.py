@@ -249,8 +249,11 @@ def test_timing_spread_warmup_and_noise_flag():
         _time.sleep(0.002)
     n, stable, _ = warm_up(counted, primed=True, max_s=5.0)  # the caller made the first call
     assert stable and made["n"] == n - 1 >= 2
-    slow = measure(lambda: _time.sleep(0.03), min_rep=5, min_time_s=0.0)
+    made["n"] = 0
+    counted()  # the caller's first call (bench: the one recording what ran)
+    slow = measure(lambda: counted() or _time.sleep(0.028), min_rep=5, min_time_s=0.0, primed=True, memory=True)
     assert slow.n == 5 and slow.per_sample == 1 and slow.median >= 30
+    assert made["n"] == slow.warmup_calls + slow.n >= 2 + 5  # untimed: the caller's, the memory call, any warm-up
     assert isinstance(time_ms(lambda: None, rep=2), float)
     nbytes = 64 * 2 ** 20
     mem = measure(lambda: torch.ones(nbytes // 4).sum(), min_rep=2, min_time_s=0.0, memory=True)

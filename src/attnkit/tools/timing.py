@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -85,6 +85,37 @@ class Timing:
         return d
 
 
+def _settle(timed: Callable[[], float], *, min_calls: int, max_calls: int, max_s: float, rel_tol: float,
+            primed: bool) -> Tuple[int, bool, List[float]]:
+    """The warm-up loop of :func:`warm_up` over ``timed()`` (one call, returns its ms): ``(calls, stable, times of
+    the counted calls)``; when stable, the last two times are the calls that showed it."""
+    times: List[float] = []  # the counted calls
+    t_start = time.perf_counter()
+    calls = 1 if primed else 0
+    settled = []  # per counted call: no faster than (1 - rel_tol) x the fastest counted call before it
+    while True:
+        ms = timed()
+        calls += 1
+        if calls == 1:  # the uncounted first call
+            continue
+        settled.append(bool(times) and ms >= (1 - rel_tol) * min(times))
+        times.append(ms)
+        if calls >= min_calls and settled[-1] and (len(settled) == 2 or settled[-2]):
+            return calls, True, times
+        if calls >= max_calls or time.perf_counter() - t_start > max_s:
+            return calls, False, times
+
+
+def _host_timed(fn: Callable[[], Any], dev: torch.device) -> Callable[[], float]:
+    def timed() -> float:
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        return (time.perf_counter() - t0) * 1e3
+    return timed
+
+
 def warm_up(fn: Callable[[], Any], device="cpu", *, min_calls: int = 2, max_calls: int = 50, max_s: float = 2.0,
             rel_tol: float = 0.15, primed: bool = False) -> tuple:
     """Call ``fn`` until its call time stops falling: the newest call is no faster than ``1 - rel_tol`` times the
@@ -92,26 +123,9 @@ def warm_up(fn: Callable[[], Any], device="cpu", *, min_calls: int = 2, max_call
     which compiles and fills caches, never counts (``primed``: the caller has made it already). At least
     ``min_calls`` calls in all (a primed call included), at most ``max_calls`` or ``max_s`` seconds. Noise does not
     prolong the warm-up (it shows in the samples' spread); a trend does. Returns ``(calls, stable, last_ms)``."""
-    dev = torch.device(device)
-    times: List[float] = []  # the counted calls
-    t_start = time.perf_counter()
-    calls = 1 if primed else 0
-    settled = []  # per counted call: no faster than (1 - rel_tol) x the fastest counted call before it
-    while True:
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        ms = (time.perf_counter() - t0) * 1e3
-        calls += 1
-        if calls == 1:  # the uncounted first call
-            continue
-        settled.append(bool(times) and ms >= (1 - rel_tol) * min(times))
-        times.append(ms)
-        if calls >= min_calls and settled[-1] and (len(settled) == 2 or settled[-2]):
-            return calls, True, statistics.median(times[-2:])
-        if calls >= max_calls or time.perf_counter() - t_start > max_s:
-            return calls, False, times[-1]
+    calls, stable, times = _settle(_host_timed(fn, torch.device(device)), min_calls=min_calls, max_calls=max_calls,
+                                   max_s=max_s, rel_tol=rel_tol, primed=primed)
+    return calls, stable, statistics.median(times[-2:]) if stable else times[-1]
 
 
 #: on a CPU a sample is the mean of enough calls to last this long (one call when a call takes longer): the timer's
@@ -137,22 +151,22 @@ def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s
     """Warm ``fn`` up until stable (:func:`warm_up`; ``primed``: its first call was made already), then sample it at
     least ``min_rep`` times and for at least ``min_time_s`` seconds: ``triton.testing.do_bench`` on CUDA (every call
     timed with CUDA events), ``torch.utils.benchmark.Timer.blocked_autorange`` elsewhere (all of torch's threads,
-    accelerator synchronized; one block of :data:`BLOCK_MS` per run, as many runs as the sample count needs).
-    ``memory``: the first warm-up call after the first call of all is made through :func:`peak_memory`
-    (``Timing.peak_bytes``), which spares a call of its own."""
+    accelerator synchronized; one block of :data:`BLOCK_MS` per run, as many runs as the sample count needs). On a
+    CPU the warm-up times its calls through the same Timer, and where a sample is one call, the two calls that showed
+    the times settled are the first two samples (the calls before them, still getting faster, are dropped).
+    ``memory``: the second call of all is made through :func:`peak_memory` (``Timing.peak_bytes``), uncounted by
+    the warm-up (it hands freed memory back to the OS first, so it runs slower)."""
     dev = torch.device(device)
-    peak: Dict[str, Optional[int]] = {}
-    warm, n = fn, [0]
-    if memory:
-        def warm():  # the first counted warm-up call (caches filled) also measures the peak memory
-            n[0] += 1
-            if n[0] == (1 if primed else 2):
-                peak["bytes"] = peak_memory(fn, dev)
-                return None
-            return fn()
-    calls, stable, last_ms = warm_up(warm, dev, min_calls=warmup_min_calls, max_s=warmup_max_s, primed=primed)
+    peak_bytes = None
+    if memory:  # the second call (caches filled by the first) measures the peak memory; the warm-up starts after it
+        if not primed:
+            sync(dev)
+            fn()
+        peak_bytes, primed = peak_memory(fn, dev), True
     min_rep = max(1, int(min_rep))
     if dev.type == "cuda":
+        calls, stable, last_ms = warm_up(fn, dev, min_calls=warmup_min_calls, max_s=warmup_max_s, primed=primed)
+        calls += int(memory)  # every untimed call: the first, the memory call, the warm-up's
         try:
             from triton.testing import do_bench
         except ImportError:
@@ -163,14 +177,25 @@ def measure(fn: Callable[[], Any], device="cpu", *, min_rep: int = 5, min_time_s
             while len(samples) < min_rep:  # do_bench's estimate ran long: top up with single calls
                 samples += list(do_bench(fn, warmup=1, rep=1, return_mode="all"))
             return Timing([float(s) for s in samples], calls, stable, "triton.testing.do_bench",
-                          peak_bytes=peak.get("bytes"))
-    number = max(1, math.ceil(BLOCK_MS / max(last_ms, 1e-6)))
-    timer = _timer(fn, number)
-    samples: List[float] = []
+                          peak_bytes=peak_bytes)
+        samples, number = [], 1
+        timer = _timer(fn, number)
+    else:
+        # the warm-up times single calls exactly as the samples do (Timer's loop, garbage collection off)
+        one = _timer(fn, 1)
+        calls, stable, times = _settle(lambda: one.blocked_autorange(min_run_time=0.0).times[0] * 1e3,
+                                       min_calls=warmup_min_calls, max_calls=50, max_s=warmup_max_s, rel_tol=0.15,
+                                       primed=primed)
+        last_ms = statistics.median(times[-2:]) if stable else times[-1]
+        number = max(1, math.ceil(BLOCK_MS / max(last_ms, 1e-6)))
+        samples, calls = [], calls + int(memory)  # every untimed call: the first, the memory call, the warm-up's
+        if stable and number == 1 and calls - 2 >= warmup_min_calls:
+            samples, calls = times[-2:], calls - 2  # the two calls that showed the times settled are samples
+        timer = one if number == 1 else _timer(fn, number)
     while len(samples) < min_rep or sum(samples) * number < min_time_s * 1e3:
         samples += [t * 1e3 for t in timer.blocked_autorange(min_run_time=0.0).times]  # one block per run
     return Timing(samples, calls, stable, "torch.utils.benchmark.blocked_autorange", number,
-                  peak_bytes=peak.get("bytes"))
+                  peak_bytes=peak_bytes)
 
 
 def time_ms(fn: Callable[[], Any], device="cpu", warmup: int = 2, rep: int = 5, min_time_s: float = 0.0) -> float:

@@ -128,22 +128,25 @@ class _Geo:
 
 
 class _TopK:
-    """Exact top-k keys of each row of a query tile, merged tile by tile from few candidates (no sort of whole
-    tiles).
+    """Exact top-k keys of each row of a query tile, merged from few candidates per tile (no sort of whole tiles).
 
     The running top-k of every row is kept sorted (``key, col, w``: ``[n, k]``); its k-th key is a lower bound
     ``thr`` of the row's k-th key so far, raised inside a tile by the smallest of the maxima of k disjoint sets of
     the tile's column groups (k keys of the row are at least that). A key below the bound is not among the k
-    largest, so only members ``>= thr`` of column groups whose maximum (:func:`group_max`) is ``>= thr`` are taken;
-    they are merged into the rows they touch by one small per-row sort. Ties may be broken either way. Keys
-    ``<= floor`` (masked: −inf for scores, −1 for ``|p|``) are never listed. A tile where most groups qualify (ties,
-    adversarial order) gives its own dense top-k instead (bounded work)."""
+    largest, so only members ``>= thr`` of column groups whose maximum (:func:`group_max`) is ``>= thr`` are kept;
+    once there are about as many as rows they are merged into the rows they touch by one small per-row sort (the
+    bound lags by the tiles since). Ties may be broken either way. Keys ``<= floor`` (masked: −inf for scores, −1
+    for ``|p|``) are never listed. A tile where most groups qualify (ties, adversarial order) gives its own dense
+    top-k instead (bounded work)."""
 
     def __init__(self, K: int, n: int, like: Tensor):
         self.K, self.n = K, n
         self.key = like.new_full((n, K), -math.inf)
         self.col = torch.full((n, K), -1, dtype=torch.long, device=like.device)
         self.w = like.new_zeros(n, K)
+        self.thr: Optional[Tensor] = None  # max(k-th key, the smallest key above the floor)
+        self.parts: list = []
+        self.pending = 0
 
     def add(self, key: Tensor, g: Tensor, c0: int, floor: float, weight: Optional[Tensor] = None) -> None:
         """A tile: ``key [..., lc]`` (contiguous; rows flattened to ``n``), ``g = group_max(key)``, ``weight`` the
@@ -151,8 +154,10 @@ class _TopK:
         K, n, lc = self.K, self.n, key.shape[-1]
         k2, g2 = key.reshape(n, lc), g.reshape(n, -1)
         G = g2.shape[1]
-        f = torch.full((), floor, dtype=key.dtype, device=key.device)
-        thr = torch.maximum(self.key[:, -1], torch.nextafter(f, f.new_full((), math.inf)))
+        if self.thr is None:
+            f = torch.full((n,), floor, dtype=key.dtype, device=key.device)
+            self.thr = torch.nextafter(f, torch.full_like(f, math.inf))
+        thr = self.thr
         if G >= K:  # K disjoint sets of groups (j, j + K, j + 2K, ...); each set's maximum is a key of the row
             sets = g2[:, :G // K * K]
             while sets.shape[1] >= 2 * K:  # halve by elementwise maxima (small reductions are slow on CPU)
@@ -161,6 +166,8 @@ class _TopK:
                 sets = m if 2 * h == sets.shape[1] else torch.cat([m, sets[:, 2 * h:]], 1)
             thr = torch.maximum(thr, sets.amin(1))
         cand = (g2 >= thr[:, None]).nonzero()
+        if cand.shape[0] == 0:
+            return
         if cand.shape[0] > n * G // 2:  # most groups qualify: the tile's own top-k
             v, col = k2.topk(min(K, lc), -1)
             i, t = (v >= thr[:, None]).nonzero().unbind(1)
@@ -170,13 +177,23 @@ class _TopK:
             v = k2.view(n, lc // G, G)[r, :, gi]  # [m, lc / G]
             i, t = (v >= thr[r][:, None]).nonzero().unbind(1)
             rows, col, v = r[i], gi[i] + G * t, v[i, t]
-        if rows.shape[0]:
-            w = None if weight is None else weight.reshape(n, lc)[rows, col]
-            self._merge(rows, col + c0, v, w)
+        w = None if weight is None else weight.reshape(n, lc)[rows, col]
+        self.parts.append((rows, col + c0, v, w))
+        self.pending += rows.shape[0]
+        if self.pending >= n:
+            self._merge()
 
-    def _merge(self, rows: Tensor, col: Tensor, v: Tensor, w: Optional[Tensor]) -> None:
-        """Merge candidates (``rows`` non-decreasing) into the running top-k of their rows."""
-        K = self.K
+    def _merge(self) -> None:
+        """Merge the pending candidates into the running top-k of the rows they touch."""
+        K, parts = self.K, self.parts
+        if not parts:
+            return
+        rows, col, v, w = (None if x[0] is None else torch.cat(x) if len(x) > 1 else x[0] for x in zip(*parts))
+        self.parts, self.pending = [], 0
+        if len(parts) > 1:  # rows ascending (each tile's candidates already are)
+            order = rows.argsort(stable=True)
+            rows, col, v = rows[order], col[order], v[order]
+            w = None if w is None else w[order]
         u, counts = torch.unique_consecutive(rows, return_counts=True)
         slot = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), counts)
         pos = K + torch.arange(rows.shape[0], device=u.device) - (counts.cumsum(0) - counts)[slot]
@@ -188,6 +205,7 @@ class _TopK:
         top, order = keys.sort(-1, descending=True)
         order = order[:, :K]
         self.key[u], self.col[u] = top[:, :K], cols.gather(1, order)
+        self.thr[u] = torch.maximum(self.thr[u], top[:, K - 1])
         if w is not None:
             ws = self.w.new_zeros(u.shape[0], width)
             ws[:, :K] = self.w[u]
@@ -196,6 +214,7 @@ class _TopK:
 
     def result(self, shape):
         """``(index, key, weight)``, each ``shape + (K,)``, keys descending; −1 / −inf / 0 past the listed keys."""
+        self._merge()
         K = self.K
         return self.col.view(*shape, K), self.key.view(*shape, K), self.w.view(*shape, K)
 

@@ -246,6 +246,11 @@ class RowStatsSink:
                         topk_index=torch.full((B, H, Lq, spec.topk), -1, dtype=torch.long, device=dev),
                         topk_weight=torch.zeros(B, H, Lq, spec.topk, dtype=dt, device=dev))
 
+    @property
+    def wants_groups(self) -> bool:
+        """Whether :meth:`topk_softmax` uses column-group maxima (:func:`group_max`)."""
+        return self.spec.topk > 0
+
     def fork(self) -> "RowStatsSink":
         """A sink for another thread of the walk: its own per-tile sums, the same outputs (disjoint rows)."""
         other = object.__new__(RowStatsSink)
@@ -309,7 +314,8 @@ class RowStatsSink:
         self.wx += x.mul_(e).sum(-1)
 
     def topk_softmax(self, s: Tensor, g: Tensor, c0: int) -> None:
-        """A tile's scores ``s`` (base 2, −inf where masked) and their :func:`group_max` ``g``."""
+        """A tile's scores ``s`` (base 2, −inf where masked) and their :func:`group_max` ``g`` (``s`` itself when
+        no sink :attr:`wants_groups`)."""
         if self.top is not None:
             self.top.add(s, g, c0, -math.inf)
 
@@ -505,6 +511,7 @@ def _walk_rows(call: Call, q: Tensor, k: Tensor, sinks: Sequence, plan: _Plan, i
     for sk in sinks:
         sk.begin(r0, r1, like)
     if online:
+        groups = any(getattr(sk, "wants_groups", False) for sk in sinks)  # column-group maxima for a top-k
         m = q.new_full((call.B, call.Hq, r1 - r0), -math.inf)
         ref = torch.zeros_like(m)
         z = torch.zeros_like(m)
@@ -522,7 +529,7 @@ def _walk_rows(call: Call, q: Tensor, k: Tensor, sinks: Sequence, plan: _Plan, i
             continue
         if mb is not None:  # an additive 0 / −inf bias on the (small) mask: one fast broadcast add
             s = s.add_(torch.zeros(mb.shape, dtype=s.dtype, device=s.device).masked_fill_(~mb, -math.inf))
-        g = group_max(s)
+        g = group_max(s) if groups else s
         for sk in sinks:
             sk.topk_softmax(s, g, c0)
         m_old, m = m, torch.maximum(m, g.amax(-1))

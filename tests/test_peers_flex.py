@@ -229,13 +229,14 @@ def test_compiled_flex_one_compile_per_mask_structure():
     B, Hq, Hkv, D = 2, 4, 2, 64
     before = counters["stats"]["unique_graphs"]
     for Lq, Lk, w in [(48, 48, 5), (96, 200, 17), (130, 130, 40), (70, 20, 3), (33, 301, 100)]:
-        mask = M.causal & M.sliding_window(w) & ~M.sinks(0)  # ~sinks(0) sees every key: a structure no other test compiles
+        mask = M.causal & M.sliding_window(w) & ~M.sinks(0)  # ~sinks(0): every key; a structure only this test has
         q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype=torch.float32)
         fn = flex_call(mask, None, B, Hq, Hkv, Lq, Lk, q.device, D ** -0.5)
         with torch.no_grad():
             out = fn(q, k, v)
         assert fn.compiled == "dynamic", (Lq, Lk, fn.dynamic_error)
-        assert_close(out, _window_reference(q, k, v, w, D ** -0.5), atol=2e-6, rtol=1e-5, what=f"compiled flex Lq={Lq} Lk={Lk} w={w}")
+        assert_close(out, _window_reference(q, k, v, w, D ** -0.5), atol=2e-6, rtol=1e-5,
+                     what=f"compiled flex Lq={Lq} Lk={Lk} w={w}")
     assert counters["stats"]["unique_graphs"] - before == 1, "the Flex peer recompiled for a new length or window"
 
 

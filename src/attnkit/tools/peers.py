@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, Dict, Optional
@@ -49,21 +50,18 @@ def _compiled_flex(dynamic: bool = True):
     return _flex[dynamic]
 
 
+@contextlib.contextmanager
 def _shape_generic():
     """Dynamo settings while the compiled Flex peer traces: one symbol per length even where two are equal
     (Lq = Lk), no specialization of lengths that happen to be 1 (one block of queries), so a compiled kernel serves
     every later shape; float parameters of score mods stay constants (a symbolic float becomes a ``.item()`` that
     the CPU Flex lowering cannot take)."""
-    import contextlib
-
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
-    stack = contextlib.ExitStack()
-    for cfg, values in ((fx_config, {"use_duck_shape": False, "backed_size_oblivious": True}),
-                        (dynamo_config, {"specialize_float": True})):
-        values = {k: x for k, x in values.items() if hasattr(cfg, k)}
-        stack.enter_context(cfg.patch(**values))
-    return stack
+    fx = {k: x for k, x in (("use_duck_shape", False), ("backed_size_oblivious", True)) if hasattr(fx_config, k)}
+    dyn = {k: x for k, x in (("specialize_float", True),) if hasattr(dynamo_config, k)}
+    with fx_config.patch(**fx), dynamo_config.patch(**dyn):
+        yield
 
 
 def _params_as_tensors(mask: M.Mask, device) -> M.Mask:

@@ -135,9 +135,9 @@ class _TopK:
     the tile's column groups (k keys of the row are at least that). A key below the bound is not among the k
     largest, so only members ``>= thr`` of column groups whose maximum (:func:`group_max`) is ``>= thr`` are kept;
     once there are about as many as rows they are merged into the rows they touch by one small per-row sort (the
-    bound lags by the tiles since). Ties may be broken either way. Keys ``<= floor`` (masked: −inf for scores, −1
-    for ``|p|``) are never listed. A tile where most groups qualify (ties, adversarial order) gives its own dense
-    top-k instead (bounded work)."""
+    bound lags by the tiles since). A tile where many groups qualify (a row's first tile, ties) gives its own top-k
+    instead, from the members of its k groups of largest maximum (they hold its k largest keys). Ties may be broken
+    either way. Keys ``<= floor`` (masked: −inf for scores, −1 for ``|p|``) are never listed."""
 
     def __init__(self, K: int, n: int, like: Tensor):
         self.K, self.n = K, n
@@ -145,6 +145,7 @@ class _TopK:
         self.col = torch.full((n, K), -1, dtype=torch.long, device=like.device)
         self.w = like.new_zeros(n, K)
         self.thr: Optional[Tensor] = None  # max(k-th key, the smallest key above the floor)
+        self.full = False  # every row holds K keys
         self.parts: list = []
         self.pending = 0
 
@@ -158,22 +159,30 @@ class _TopK:
             f = torch.full((n,), floor, dtype=key.dtype, device=key.device)
             self.thr = torch.nextafter(f, torch.full_like(f, math.inf))
         thr = self.thr
-        if G >= K:  # K disjoint sets of groups (j, j + K, j + 2K, ...); each set's maximum is a key of the row
+        if G >= K and not self.full:  # K disjoint sets of groups (j, j + K, ...), each set's maximum a key of the row
             sets = g2[:, :G // K * K]
             while sets.shape[1] >= 2 * K:  # halve by elementwise maxima (small reductions are slow on CPU)
                 h = sets.shape[1] // K // 2 * K
-                m = torch.maximum(sets[:, :h], sets[:, h:2 * h])
-                sets = m if 2 * h == sets.shape[1] else torch.cat([m, sets[:, 2 * h:]], 1)
+                mx = torch.maximum(sets[:, :h], sets[:, h:2 * h])
+                sets = mx if 2 * h == sets.shape[1] else torch.cat([mx, sets[:, 2 * h:]], 1)
             thr = torch.maximum(thr, sets.amin(1))
-        cand = (g2 >= thr[:, None]).nonzero()
-        if cand.shape[0] == 0:
+        hit = g2 >= thr[:, None]
+        m = int(hit.sum())
+        if m == 0:
             return
-        if cand.shape[0] > n * G // 2:  # most groups qualify: the tile's own top-k
-            v, col = k2.topk(min(K, lc), -1)
+        if m > n * K // 2:  # many: the tile's own top-k
+            S = lc // G
+            if G > K:
+                gi = g2.topk(K, -1).indices  # [n, K]
+                v = k2.view(n, S, G).gather(2, gi[:, None, :].expand(n, S, K)).view(n, S * K)
+                v, j = v.topk(K, -1)
+                col = gi.gather(1, j % K) + G * (j // K)
+            else:
+                v, col = k2.topk(min(K, lc), -1)
             i, t = (v >= thr[:, None]).nonzero().unbind(1)
             rows, col, v = i, col[i, t], v[i, t]
         else:  # members of group gi of row r: columns gi, gi + G, gi + 2G, ...
-            r, gi = cand.unbind(1)
+            r, gi = hit.nonzero().unbind(1)
             v = k2.view(n, lc // G, G)[r, :, gi]  # [m, lc / G]
             i, t = (v >= thr[r][:, None]).nonzero().unbind(1)
             rows, col, v = r[i], gi[i] + G * t, v[i, t]
@@ -206,6 +215,7 @@ class _TopK:
         order = order[:, :K]
         self.key[u], self.col[u] = top[:, :K], cols.gather(1, order)
         self.thr[u] = torch.maximum(self.thr[u], top[:, K - 1])
+        self.full = bool(torch.isfinite(self.key[:, -1]).all())
         if w is not None:
             ws = self.w.new_zeros(u.shape[0], width)
             ws[:, :K] = self.w[u]

@@ -131,13 +131,14 @@ class _TopK:
     """Exact top-k keys of each row of a query tile, merged from few candidates per tile (no sort of whole tiles).
 
     The running top-k of every row is kept sorted (``key, col, w``: ``[n, k]``); its k-th key is a lower bound
-    ``thr`` of the row's k-th key so far, raised inside a tile by the smallest of the maxima of k disjoint sets of
-    the tile's column groups (k keys of the row are at least that). A key below the bound is not among the k
-    largest, so only members ``>= thr`` of column groups whose maximum (:func:`group_max`) is ``>= thr`` are kept;
-    once there are about as many as rows they are merged into the rows they touch by one small per-row sort (the
-    bound lags by the tiles since). A tile where many groups qualify (a row's first tile, ties) gives its own top-k
-    instead, from the members of its k groups of largest maximum (they hold its k largest keys). Ties may be broken
-    either way. Keys ``<= floor`` (masked: −inf for scores, −1 for ``|p|``) are never listed."""
+    ``thr`` of the row's k-th key so far, raised (until every row holds k keys) by a lower bound of the k-th
+    largest of the tile's column-group maxima (:func:`_kth_from_below`: k keys of the row are at least that). A key
+    below the bound is not among the k largest, so only members ``>= thr`` of column groups whose maximum
+    (:func:`group_max`) is ``>= thr`` are kept; once there are about as many as rows they are merged into the rows
+    they touch by one small per-row sort (the bound lags by the tiles since). A tile where most groups qualify
+    (ties, adversarial order) gives its own top-k instead, from the members of its k groups of largest maximum
+    (they hold its k largest keys). Ties may be broken either way. Keys ``<= floor`` (masked: −inf for scores, −1
+    for ``|p|``) are never listed."""
 
     def __init__(self, K: int, n: int, like: Tensor):
         self.K, self.n = K, n
@@ -159,18 +160,13 @@ class _TopK:
             f = torch.full((n,), floor, dtype=key.dtype, device=key.device)
             self.thr = torch.nextafter(f, torch.full_like(f, math.inf))
         thr = self.thr
-        if G >= K and not self.full:  # K disjoint sets of groups (j, j + K, ...), each set's maximum a key of the row
-            sets = g2[:, :G // K * K]
-            while sets.shape[1] >= 2 * K:  # halve by elementwise maxima (small reductions are slow on CPU)
-                h = sets.shape[1] // K // 2 * K
-                mx = torch.maximum(sets[:, :h], sets[:, h:2 * h])
-                sets = mx if 2 * h == sets.shape[1] else torch.cat([mx, sets[:, 2 * h:]], 1)
-            thr = torch.maximum(thr, sets.amin(1))
+        if G >= K and not self.full:  # a bound from the tile itself: the K-th largest group maximum, from below
+            thr = torch.maximum(thr, _kth_from_below(g2, K, BISECT_STEPS))
         hit = g2 >= thr[:, None]
         m = int(hit.sum())
         if m == 0:
             return
-        if m > n * K // 2:  # many: the tile's own top-k
+        if m > n * G // 2:  # most groups (ties, adversarial order): the tile's own top-k
             S = lc // G
             if G > K:
                 gi = g2.topk(K, -1).indices  # [n, K]
@@ -229,6 +225,26 @@ class _TopK:
         return self.col.view(*shape, K), self.key.view(*shape, K), self.w.view(*shape, K)
 
 
+def _kth_from_below(g: Tensor, K: int, steps: int) -> Tensor:
+    """A lower bound of the K-th largest entry of each row of ``g [n, G]`` (``G >= K``): at least K entries of the
+    row are ``>=`` it. Start: the smallest of the maxima of K disjoint sets of columns (``j, j + K, ...``); then
+    ``steps`` rounds of bisection towards the row maximum, keeping a bound that K entries reach (a per-row sort or
+    top-k costs a microsecond per row on CPU; these are a few elementwise passes over ``g``)."""
+    sets = g[:, :g.shape[1] // K * K]
+    while sets.shape[1] >= 2 * K:  # halve by elementwise maxima (small reductions are slow on CPU)
+        h = sets.shape[1] // K // 2 * K
+        mx = torch.maximum(sets[:, :h], sets[:, h:2 * h])
+        sets = mx if 2 * h == sets.shape[1] else torch.cat([mx, sets[:, 2 * h:]], 1)
+    lo, hi = sets.amin(1), g.amax(1)
+    for _ in range(steps):
+        mid = lo * 0.5 + hi * 0.5
+        ok = (g >= mid[:, None]).sum(1) >= K
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return lo
+
+
+#: rounds of bisection of :func:`_kth_from_below`
+BISECT_STEPS = 5
 #: columns per group of the top-k candidates (:func:`group_max`)
 GROUP = 16
 

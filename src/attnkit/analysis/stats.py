@@ -117,14 +117,19 @@ class _Geo:
 
     def __init__(self, q0: int, k0: int, dtype, device):
         self.q0, self.k0, self.dtype, self.device = q0, k0, dtype, device
+        self._keys = torch.zeros(0, dtype=dtype, device=device)
 
-    def rel(self, r0: int, r1: int, c0: int, c1: int):
-        """Query positions minus the tile's first key position ``[lr]`` and key offsets ``[lc]`` (small numbers
-        near the tile: sums of weight × position keep their precision)."""
-        base = self.k0 + c0
-        pq = torch.arange(r0 + self.q0 - base, r1 + self.q0 - base, device=self.device, dtype=self.dtype)
-        pk = torch.arange(0, c1 - c0, device=self.device, dtype=self.dtype)
-        return pq, pk
+    def queries(self, r0: int, r1: int) -> Tensor:
+        """Positions of query rows ``[r0, r1)`` minus the first key's ``[lr]``; minus ``c0`` more: relative to a
+        tile's first key (small numbers near the tile: sums of weight × position keep their precision)."""
+        return torch.arange(r0 + self.q0 - self.k0, r1 + self.q0 - self.k0, device=self.device, dtype=self.dtype)
+
+    def keys(self, lc: int) -> Tensor:
+        """Key offsets ``0 .. lc − 1`` within a tile (one tensor, sliced)."""
+        k = self._keys
+        if k.shape[0] < lc:  # threads of the walk may race here: each returns a slice of its own tensor
+            k = self._keys = torch.arange(lc, device=self.device, dtype=self.dtype)
+        return k[:lc]
 
 
 class _TopK:
@@ -162,11 +167,10 @@ class _TopK:
         thr = self.thr
         if G >= K and not self.full:  # a bound from the tile itself: the K-th largest group maximum, from below
             thr = torch.maximum(thr, _kth_from_below(g2, K, BISECT_STEPS))
-        hit = g2 >= thr[:, None]
-        m = int(hit.sum())
-        if m == 0:
+        hit = (g2 >= thr[:, None]).nonzero()
+        if hit.shape[0] == 0:
             return
-        if m > n * G // 2:  # most groups (ties, adversarial order): the tile's own top-k
+        if hit.shape[0] > n * G // 2:  # most groups (ties, adversarial order): the tile's own top-k
             S = lc // G
             if G > K:
                 gi = g2.topk(K, -1).indices  # [n, K]
@@ -178,7 +182,7 @@ class _TopK:
             i, t = (v >= thr[:, None]).nonzero().unbind(1)
             rows, col, v = i, col[i, t], v[i, t]
         else:  # members of group gi of row r: columns gi, gi + G, gi + 2G, ...
-            r, gi = hit.nonzero().unbind(1)
+            r, gi = hit.unbind(1)
             v = k2.view(n, lc // G, G)[r, :, gi]  # [m, lc / G]
             i, t = (v >= thr[r][:, None]).nonzero().unbind(1)
             rows, col, v = r[i], gi[i] + G * t, v[i, t]
@@ -292,6 +296,7 @@ class RowStatsSink:
         self.z, self.wx, self.sink, self.win, self.dist, self.signed = (z, z.clone(), z.clone(), z.clone(),
                                                                          z.clone(), z.clone())
         self.top = _TopK(self.spec.topk, B * H * lr, like) if self.spec.topk else None
+        self.pq = self.geo.queries(r0, r1)
 
     def rescale(self, alpha: Tensor, dm: Tensor) -> None:
         """Running max moved: sums of ``e = 2^{x}`` scale by ``alpha``; ``Σ e·x`` also shifts by ``dm``
@@ -306,21 +311,19 @@ class RowStatsSink:
         ``Σ w |Δ| = ±(P_q Σ w − Σ w·P_k)`` (a matrix-vector product); only the band of columns between the
         tile's first and last query, and the band within the window of some query, need ``|Δ|`` per pair."""
         g, sp = self.geo, self.spec
-        pq, pk = g.rel(r0, r1, c0, c1)
+        pq, pk = self.pq - c0, g.keys(c1 - c0)
         lc = c1 - c0
         q_lo = r0 + g.q0 - g.k0 - c0  # the first and last query's position relative to the tile's first key
         q_hi = q_lo + (r1 - r0) - 1
         a = min(lc, max(0, q_lo + 1))  # columns [0, a): keys at or before every query
         b = max(a, min(lc, q_hi))  # columns [b, lc): keys at or after every query
-        dist = torch.zeros_like(zt)
         if a > 0:
-            dist += pq * (zt if a == lc else w[..., :a].sum(-1)) - torch.matmul(w[..., :a], pk[:a])
+            self.dist += pq * (zt if a == lc else w[..., :a].sum(-1)) - torch.matmul(w[..., :a], pk[:a])
         if b < lc:
-            dist += torch.matmul(w[..., b:], pk[b:]) - pq * (zt if b == 0 else w[..., b:].sum(-1))
+            self.dist += torch.matmul(w[..., b:], pk[b:]) - pq * (zt if b == 0 else w[..., b:].sum(-1))
         if a < b:
-            dist += torch.linalg.vecdot(w[..., a:b], (pq[:, None] - pk[None, a:b]).abs_())
+            self.dist += torch.linalg.vecdot(w[..., a:b], (pq[:, None] - pk[None, a:b]).abs_())
         self.z += zt
-        self.dist += dist
         W = sp.window
         wa, wb = max(0, q_lo - W + 1), min(lc, q_hi + W)  # columns within the window of some query
         if max(abs(q_lo - (lc - 1)), abs(q_hi)) < W:  # every pair
@@ -539,7 +542,7 @@ def _walk_rows(call: Call, q: Tensor, k: Tensor, sinks: Sequence, plan: _Plan, i
     if online:
         groups = any(getattr(sk, "wants_groups", False) for sk in sinks)  # column-group maxima for a top-k
         m = q.new_full((call.B, call.Hq, r1 - r0), -math.inf)
-        ref = torch.zeros_like(m)
+        ref, zero_ref = torch.zeros_like(m), True
         z = torch.zeros_like(m)
     for j, c0, c1, is_full in plan.cols(i, Lk):
         mb = None
@@ -559,15 +562,17 @@ def _walk_rows(call: Call, q: Tensor, k: Tensor, sinks: Sequence, plan: _Plan, i
         for sk in sinks:
             sk.topk_softmax(s, g, c0)
         m_old, m = m, torch.maximum(m, g.amax(-1))
-        ref_new = torch.where(torch.isfinite(m) & (m.abs() > REF_BAND), m, torch.zeros_like(m))
-        if bool((ref_new != ref).any()):
-            alpha, dm = torch.exp2(ref - ref_new), ref - ref_new
-            alpha = torch.where(torch.isfinite(m_old), alpha, torch.zeros_like(alpha))  # rows without keys: 0
-            for sk in sinks:
-                sk.rescale(alpha, dm)
-            z = z * alpha
-            ref = ref_new
-        x = s.sub_(ref[..., None]) if bool(ref.any()) else s
+        if not (zero_ref and float(torch.nan_to_num(m, neginf=0.0).abs().amax()) <= REF_BAND):
+            ref_new = torch.where(torch.isfinite(m) & (m.abs() > REF_BAND), m, torch.zeros_like(m))
+            if bool((ref_new != ref).any()):
+                alpha, dm = torch.exp2(ref - ref_new), ref - ref_new
+                alpha = torch.where(torch.isfinite(m_old), alpha, torch.zeros_like(alpha))  # rows without keys: 0
+                for sk in sinks:
+                    sk.rescale(alpha, dm)
+                z = z * alpha
+                ref = ref_new
+            zero_ref = not bool(ref.any())
+        x = s if zero_ref else s.sub_(ref[..., None])
         e = torch.exp2(x, out=_buffer(scratch, "e", x.shape, x))
         if mb is not None:  # masked: x = −inf, e = 0; a finite x keeps e·x = 0 there (no 0·∞)
             x = x.clamp_(min=torch.finfo(x.dtype).min)

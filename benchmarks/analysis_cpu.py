@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from attnkit.tools.bench import cpu_model
 
 OUT = Path(__file__).parent / "results"
 SENTENCES = ["The cat sat on the mat.", "Attention sinks appear even in small encoders.",
@@ -47,17 +48,6 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -67,7 +57,7 @@ def _commit() -> str:
 
 
 def _env(threads: int) -> dict:
-    return {"torch": torch.__version__, "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
+    return {"torch": torch.__version__, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
             "python": sys.version.split()[0], "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 

@@ -126,7 +126,7 @@ def environment(device) -> Dict[str, Any]:
     for mod, key in (("triton", "triton"), ("fla", "fla"), ("flash_attn", "flash_attn"),
                      ("flashinfer", "flashinfer")):
         env[key] = _version(mod)
-    env["cpu"] = _cpu_model() or platform.processor() or platform.machine()
+    env["cpu"] = cpu_model()
     env["cpu_count"] = os.cpu_count()
     if hasattr(os, "getloadavg"):
         env["load_avg"] = [round(x, 2) for x in os.getloadavg()]
@@ -154,7 +154,8 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def _cpu_model() -> Optional[str]:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -162,7 +163,7 @@ def _cpu_model() -> Optional[str]:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return None
+    return platform.processor() or platform.machine()
 
 
 # -- peers ----------------------------------------------------------------------------------------

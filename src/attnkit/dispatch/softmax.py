@@ -23,6 +23,13 @@ from . import decode as _decode
 __all__ = ["attention", "varlen_attention"]
 
 
+def _result(out: Tensor, lse: Optional[Tensor], layout: str, return_lse: bool):
+    """A kernel's ``[B, H, L, Dv]`` output in the caller's layout, with the lse when asked for."""
+    if layout == "bthd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -92,18 +99,13 @@ def attention(
         if via is not None:  # a few query rows over many keys, no gradient: the split-KV decode kernel
             res = _decode.decode_attention(q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer,
                                            scale=scale, backend=via, return_lse=return_lse, check=False)
-            out, lse = res if return_lse else (res, None)
-            if layout == "bthd":
-                out = out.transpose(1, 2)
-            return (out, lse) if return_lse else out
+            return _result(*(res if return_lse else (res, None)), layout, return_lse)
         fused = backends.run(backend, q, k, v, mask=mask, score_mod=score_mod, normalizer=normalizer, scale=scale,
                              return_lse=return_lse, deterministic=deterministic, positions=positions)
         if fused is not None:
             name, out, lse = fused
             record_backend(name, "fused")
-            if layout == "bthd":
-                out = out.transpose(1, 2)
-            return (out, lse) if return_lse else out
+            return _result(out, lse, layout, return_lse)
     elif backend == "triton":
         raise ValueError(f"backend='triton' runs the fused (streaming) form only; got form={form!r}"
                          + (" with return_weights=True" if return_weights else ""))

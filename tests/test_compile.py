@@ -84,3 +84,31 @@ def test_double_backward_is_refused_clearly():
     out = attnkit.attention(q, k, v, mask="causal", backend="triton")
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.sum(), [q], create_graph=True)
+
+
+@pytest.mark.parametrize("case", ["alibi+softcap+temperature", "relbias+ssmax", "none+sink", "alibi+sigmoid_bias",
+                                  "frozen"])
+def test_custom_op_params_are_the_kernels_learnable_tensors(case):
+    """The custom op passes ``plan.learnable_tensors`` as its parameter list; the fused kernels return gradients in
+    the order of their Problem's ModPlan + NormPlan. Both lists must be the same tensors in the same order."""
+    from attnkit.ops.softmax import fused, plan
+    H, L = 4, 9
+    req = dict(dtype=F64, requires_grad=case != "frozen")
+    if case in ("alibi+softcap+temperature", "frozen"):
+        sm = scores.compose(scores.alibi(torch.rand(H, **req)), scores.softcap(5.0),
+                            scores.temperature(1.0 + torch.rand(H, **req)))
+        norm = normalizers.as_normalizer("softmax")
+    elif case == "relbias+ssmax":
+        rb = scores.relative_bias(H, num_buckets=8, max_distance=16)
+        rb.table.data = rb.table.data.double()
+        sm = scores.compose(rb, scores.ssmax(torch.rand(H, **req)))
+        norm = normalizers.as_normalizer("softmax")
+    elif case == "none+sink":
+        sm, norm = None, normalizers.softmax_sink(torch.randn(H, **req))
+    else:
+        sm, norm = scores.alibi(torch.rand(H, **req)), normalizers.sigmoid(torch.randn(H, **req))
+    q, k, v = (torch.randn(1, H, L, 8, dtype=F64) for _ in range(3))
+    pb = fused.problem(q, k, v, masks.causal, sm, norm, 8 ** -0.5, need_grad=True)
+    want = plan.learnable_tensors(sm, norm, L)
+    assert [id(t) for t in pb.learnable_tensors] == [id(t) for t in want]
+    assert (len(want) == 0) == (case == "frozen")

@@ -127,7 +127,6 @@ class Problem:
                                  else (dummy_i, 0))
         self.learnable: List[P.Learnable] = self.mods.learnable + self.norm.learnable
         self.learnable_tensors = [lr.tensor for lr in self.learnable]
-        assert [id(t) for t in self.learnable_tensors] == [id(t) for t in P.learnable_tensors(score_mod, normalizer, Lk)]
         values = [v for _, v in self.mods.values] + [self.norm.value] + ([rb.table] if rb is not None else [])
         self.dynamic = any(_changes(t) for t in values)
         self._const: Dict[int, Tensor] = {}
